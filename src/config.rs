@@ -1,0 +1,157 @@
+//! Configuration: every command-line option, each also readable from a
+//! `VOICE_RELAY_*` environment variable, and the values derived from them
+//! (the UDP port for media, the addresses announced in ICE candidates).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Real-time voice relay: WebRTC (Opus) in, WebRTC and live MP3 out.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "voice-relay", version, about)]
+pub struct Config {
+    /// Address for HTTP and WebSocket signalling.
+    #[arg(long, env = "VOICE_RELAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// UDP port for all WebRTC media (one socket for every peer).
+    /// Defaults to the port number of --listen.
+    #[arg(long, env = "VOICE_RELAY_RTC_PORT")]
+    pub rtc_port: Option<u16>,
+
+    /// IP address put in the ICE host candidates (repeatable; comma separated in
+    /// the environment variable). Default: the machine's non-loopback interface
+    /// addresses, or 127.0.0.1 when --listen is a loopback address.
+    #[arg(
+        long = "announce-ip",
+        env = "VOICE_RELAY_ANNOUNCE_IP",
+        value_delimiter = ','
+    )]
+    pub announce_ip: Vec<IpAddr>,
+
+    /// A stream whose sender delivers no RTP for this many seconds ends.
+    #[arg(long, env = "VOICE_RELAY_SENDER_IDLE_SECS", default_value_t = 20)]
+    pub sender_idle_secs: u64,
+
+    /// A peer that has not completed ICE and DTLS after this many seconds is dropped.
+    #[arg(long, env = "VOICE_RELAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 15)]
+    pub handshake_timeout_secs: u64,
+
+    /// Largest WebSocket message accepted from a client, in bytes.
+    #[arg(long, env = "VOICE_RELAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// MP3 bit rate in kbit/s (CBR).
+    #[arg(long, env = "VOICE_RELAY_MP3_BITRATE", default_value_t = 128)]
+    pub mp3_bitrate: u32,
+
+    /// Milliseconds of recent MP3 audio sent at once to a new listener.
+    #[arg(long, env = "VOICE_RELAY_MP3_BURST_MS", default_value_t = 1000)]
+    pub mp3_burst_ms: u32,
+
+    /// How long `/stream/latest.mp3` waits for a stream to start when none is
+    /// live, in milliseconds (a request may ask for less or more with
+    /// `?wait=SECONDS`, at most 30 s).
+    #[arg(long, env = "VOICE_RELAY_MP3_WAIT_MS", default_value_t = 5000)]
+    pub mp3_wait_ms: u64,
+}
+
+impl Config {
+    /// The UDP address the media socket binds.
+    pub fn rtc_bind(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.listen.ip(),
+            self.rtc_port.unwrap_or(self.listen.port()),
+        )
+    }
+
+    /// The addresses announced in ICE host candidates.
+    pub fn announce_ips(&self) -> Vec<IpAddr> {
+        if !self.announce_ip.is_empty() {
+            return self.announce_ip.clone();
+        }
+        let ip = self.listen.ip();
+        if ip.is_loopback() {
+            return vec![ip];
+        }
+        if !ip.is_unspecified() {
+            return vec![ip];
+        }
+        let found = interface_addresses();
+        if found.is_empty() {
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        } else {
+            found
+        }
+    }
+
+    pub fn sender_idle(&self) -> Duration {
+        Duration::from_secs(self.sender_idle_secs.max(1))
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+}
+
+/// The IPv4 addresses of the machine's non-loopback, up interfaces.
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a linked list that we walk read-only and free once.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            let up = ifa.ifa_flags & (libc::IFF_UP as u32) != 0;
+            let loopback = ifa.ifa_flags & (libc::IFF_LOOPBACK as u32) != 0;
+            if up && !loopback && !ifa.ifa_addr.is_null() {
+                let family = (*ifa.ifa_addr).sa_family as i32;
+                if family == libc::AF_INET {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    if !ip.is_link_local() && !out.contains(&IpAddr::V4(ip)) {
+                        out.push(IpAddr::V4(ip));
+                    }
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut v = vec!["voice-relay"];
+        v.extend_from_slice(args);
+        Config::try_parse_from(v).expect("valid args")
+    }
+
+    #[test]
+    fn rtc_port_defaults_to_listen_port() {
+        let c = parse(&["--listen", "127.0.0.1:9000"]);
+        assert_eq!(c.rtc_bind(), "127.0.0.1:9000".parse().unwrap());
+        let c = parse(&["--listen", "127.0.0.1:9000", "--rtc-port", "9100"]);
+        assert_eq!(c.rtc_bind().port(), 9100);
+    }
+
+    #[test]
+    fn loopback_listen_announces_loopback() {
+        let c = parse(&["--listen", "127.0.0.1:9000"]);
+        assert_eq!(
+            c.announce_ips(),
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        let c = parse(&["--announce-ip", "10.0.0.5", "--announce-ip", "10.0.0.6"]);
+        assert_eq!(c.announce_ips().len(), 2);
+    }
+}

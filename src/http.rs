@@ -1,0 +1,187 @@
+//! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
+//! `/stream/status`, the live MP3 streams, and the web assets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::registry::{Registry, StreamEvent};
+use crate::signalling::{self, Signalling};
+use crate::web;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub signalling: Arc<Signalling>,
+    pub max_message_bytes: usize,
+    /// Default wait of `latest.mp3` for a stream to start.
+    pub mp3_wait: Duration,
+}
+
+impl AppState {
+    fn registry(&self) -> &Registry {
+        &self.signalling.registry
+    }
+}
+
+/// Every route of the main listener.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/ws", get(ws))
+        .merge(web::routes())
+        .merge(audio_routes())
+        .with_state(state)
+}
+
+/// The routes a speaker needs (also served alone on `--audio-listen`).
+pub fn audio_routes() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/stream/status", get(status))
+        .route("/stream/{file}", get(mp3_stream))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    /// Seconds `latest.mp3` may wait for a stream to start.
+    wait: Option<f64>,
+}
+
+/// Longest wait a request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+fn not_found(message: String) -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": message }))).into_response()
+}
+
+/// `GET /stream/{id}.mp3` and `/stream/latest.mp3`: an endless live MP3 body.
+async fn mp3_stream(
+    State(state): State<AppState>,
+    method: Method,
+    Path(file): Path<String>,
+    Query(query): Query<StreamQuery>,
+) -> Response {
+    let Some(id) = file.strip_suffix(".mp3") else {
+        return not_found(format!(
+            "no such resource: /stream/{file} (streams end in .mp3)"
+        ));
+    };
+    let registry = state.registry();
+    let found = if id == "latest" {
+        let wait = query
+            .wait
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .map(|w| Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64())))
+            .unwrap_or(state.mp3_wait);
+        wait_for_latest(registry, wait).await
+    } else {
+        registry.fanout(Some(id))
+    };
+    let Some((stream_id, fanout)) = found else {
+        return if id == "latest" {
+            not_found("no stream is live".into())
+        } else {
+            not_found(format!("no such stream: {id}"))
+        };
+    };
+    let headers = [
+        (header::CONTENT_TYPE, "audio/mpeg"),
+        (header::CACHE_CONTROL, "no-cache, no-store"),
+        (header::HeaderName::from_static("x-stream-id"), &*stream_id),
+    ];
+    if method == Method::HEAD {
+        return (headers, Body::empty()).into_response();
+    }
+    let listener = fanout.subscribe();
+    tracing::info!(stream = %stream_id, listeners = fanout.listener_count(), "mp3 listener joined");
+    (headers, Body::from_stream(listener.into_stream())).into_response()
+}
+
+/// The newest stream, waiting up to `wait` for one to start.
+async fn wait_for_latest(
+    registry: &Registry,
+    wait: Duration,
+) -> Option<(Arc<str>, Arc<crate::mp3::Fanout>)> {
+    // Subscribe before looking, so a stream starting in between is not missed.
+    let mut events = registry.subscribe();
+    if let Some(found) = registry.fanout(None) {
+        return Some(found);
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return None,
+            Ok(Ok(StreamEvent::Shutdown)) | Ok(Err(RecvError::Closed)) => return None,
+            Ok(_) => {
+                if let Some(found) = registry.fanout(None) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+}
+
+async fn root(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => upgrade_ws(state, upgrade),
+        Err(_) => web::index().into_response(),
+    }
+}
+
+async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade_ws(state, upgrade)
+}
+
+fn upgrade_ws(state: AppState, upgrade: WebSocketUpgrade) -> Response {
+    let max = state.max_message_bytes;
+    let ctx = state.signalling.clone();
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| signalling::serve(socket, ctx, max))
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let reg = state.registry();
+    let listeners: serde_json::Map<String, serde_json::Value> = reg
+        .listener_counts()
+        .into_iter()
+        .map(|(id, n)| (id.to_string(), json!(n)))
+        .collect();
+    Json(json!({
+        "status": "healthy",
+        "active_streams": reg.list(),
+        "senders": reg.senders(),
+        "receivers": reg.receivers(),
+        "websocket_clients": reg.clients(),
+        "mp3_listeners": listeners,
+        "uptime_secs": reg.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let reg = state.registry();
+    let listeners: serde_json::Map<String, serde_json::Value> = reg
+        .listener_counts()
+        .into_iter()
+        .map(|(id, n)| (id.to_string(), json!(n)))
+        .collect();
+    Json(json!({
+        "active_streams": reg.list(),
+        "mp3_listeners": listeners,
+    }))
+}

@@ -1,0 +1,13 @@
+//! Voice relay: WebRTC (Opus) in, WebRTC and live MP3 out.
+//!
+//! Arrows point one way: `signalling` and `http` talk to the `registry`; the
+//! `relay` owns the UDP socket and the peers; `mp3` turns a stream into MP3
+//! frames for HTTP listeners.
+
+pub mod config;
+pub mod http;
+pub mod mp3;
+pub mod registry;
+pub mod relay;
+pub mod signalling;
+pub mod web;

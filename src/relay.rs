@@ -1,0 +1,776 @@
+//! The media relay: owns the one UDP socket and every str0m peer, and drives
+//! them all from one loop on a dedicated thread (sans-IO, as in str0m's chat
+//! example, but routing each datagram by remote address — or, for a new peer's
+//! first STUN check, by its ICE ufrag — instead of asking every peer).
+//!
+//! A sender peer's RTP packets are forwarded as they are (RTP mode, no
+//! decoding) to every receiver peer of its stream, each receiver with its own
+//! payload type, header-extension ids, SSRC and sequence space, and handed to
+//! the stream's MP3 pipeline. Signalling builds the `Rtc` (so the SDP answer
+//! or offer leaves at once) and hands it over with a [`Command`]; the relay
+//! reports back with [`PeerEvent`]s.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use str0m::config::DtlsCert;
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::mp3::PacketSink;
+
+/// Identifies one peer connection (one sender or one receiver leg).
+pub type PeerId = u64;
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Bound on queued commands from signalling.
+const COMMAND_CAPACITY: usize = 4096;
+/// Datagrams read per wake-up before commands and timers get a turn.
+const READ_BATCH: usize = 256;
+/// Socket buffer size asked of the kernel (both directions).
+const SOCKET_BUFFER: usize = 4 << 20;
+/// How often idle and handshake timeouts are checked.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// How long a closing peer may take to flush its RTCP BYE and DTLS close_notify.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// What the relay tells the connection that owns a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// ICE and DTLS completed: media flows.
+    Connected(PeerId),
+    /// The peer is gone (closed by us, by the remote, or failed); the reason is
+    /// for logs and error messages.
+    Closed(PeerId, &'static str),
+}
+
+pub type PeerEvents = UnboundedSender<PeerEvent>;
+
+/// Requests from signalling to the relay.
+pub enum Command {
+    /// A negotiated sender peer; its stream starts with it.
+    AddSender {
+        peer: PeerId,
+        stream: Arc<str>,
+        rtc: Box<Rtc>,
+        events: PeerEvents,
+        mp3: Option<PacketSink>,
+    },
+    /// A negotiated receiver peer for a stream.
+    AddReceiver {
+        peer: PeerId,
+        stream: Arc<str>,
+        rtc: Box<Rtc>,
+        /// The audio m-line we offered.
+        mid: Mid,
+        events: PeerEvents,
+    },
+    /// A trickled remote candidate.
+    RemoteCandidate { peer: PeerId, candidate: Candidate },
+    /// Close one peer (the client stopped or went away).
+    ClosePeer { peer: PeerId },
+    /// End a stream: close its sender and every receiver.
+    EndStream { stream: Arc<str> },
+    /// Close everything and stop the loop.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the media relay is overloaded, try again")]
+    Busy,
+    #[error("the media relay has stopped")]
+    Stopped,
+}
+
+/// Cheap, cloneable access to the relay from async code.
+#[derive(Clone)]
+pub struct RelayHandle {
+    commands: SyncSender<Command>,
+    waker: Arc<Waker>,
+    candidates: Arc<Vec<SocketAddr>>,
+    cert: DtlsCert,
+    next_peer: Arc<AtomicU64>,
+}
+
+impl RelayHandle {
+    pub fn send(&self, cmd: Command) -> Result<(), RelayError> {
+        match self.commands.try_send(cmd) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(RelayError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(RelayError::Stopped),
+        }
+    }
+
+    pub fn next_peer_id(&self) -> PeerId {
+        self.next_peer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new peer configured for this relay: RTP mode, ICE lite, Opus only,
+    /// the shared DTLS certificate, and our host candidates.
+    pub fn new_rtc(&self) -> Rtc {
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_dtls_cert(self.cert.clone())
+            .build(Instant::now());
+        for addr in self.candidates.iter() {
+            if let Ok(c) = Candidate::host(*addr, "udp") {
+                rtc.add_local_candidate(c);
+            }
+        }
+        rtc
+    }
+}
+
+pub struct RelayConfig {
+    pub bind: SocketAddr,
+    pub announce: Vec<SocketAddr>,
+    pub sender_idle: Duration,
+    pub handshake_timeout: Duration,
+}
+
+/// Binds the media socket and starts the relay thread.
+pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::JoinHandle<()>)> {
+    let std_socket = std::net::UdpSocket::bind(config.bind)?;
+    std_socket.set_nonblocking(true)?;
+    set_buffer_sizes(&std_socket);
+    let mut socket = UdpSocket::from_std(std_socket);
+    let poll = Poll::new()?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (tx, rx) = mpsc::sync_channel(COMMAND_CAPACITY);
+
+    let provider = str0m::crypto::from_feature_flags();
+    let cert = provider
+        .dtls_provider
+        .generate_certificate()
+        .ok_or_else(|| std::io::Error::other("cannot generate a DTLS certificate"))?;
+
+    let local_label = *config
+        .announce
+        .first()
+        .ok_or_else(|| std::io::Error::other("no address to announce"))?;
+    tracing::info!(bind = %config.bind, candidates = ?config.announce, "media relay listening (UDP)");
+
+    let handle = RelayHandle {
+        commands: tx,
+        waker,
+        candidates: Arc::new(config.announce.clone()),
+        cert,
+        next_peer: Arc::new(AtomicU64::new(1)),
+    };
+    let relay = Relay {
+        socket,
+        poll,
+        commands: rx,
+        local_label,
+        peers: HashMap::new(),
+        by_addr: HashMap::new(),
+        by_ufrag: HashMap::new(),
+        streams: HashMap::new(),
+        forward: Vec::new(),
+        sender_idle: config.sender_idle,
+        handshake_timeout: config.handshake_timeout,
+        next_housekeeping: Instant::now() + HOUSEKEEPING,
+        stats: Stats::default(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("media-relay".into())
+        .spawn(move || relay.run())?;
+    Ok((handle, thread))
+}
+
+fn set_buffer_sizes(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = SOCKET_BUFFER as libc::c_int;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on a valid fd with a pointer to a live c_int.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Sender,
+    Receiver,
+}
+
+/// A receiver's outgoing leg: what its browser negotiated, and where its own
+/// sequence space starts.
+struct Leg {
+    ssrc: Ssrc,
+    pt: Pt,
+    seq_base: u64,
+    seq_offset: Option<i64>,
+}
+
+struct Peer {
+    id: PeerId,
+    rtc: Rtc,
+    role: Role,
+    stream: Arc<str>,
+    events: PeerEvents,
+    created: Instant,
+    next_timeout: Instant,
+    connected: bool,
+    /// `Rtc::close()` was called; the peer is flushing its goodbyes.
+    closing_since: Option<Instant>,
+    close_reason: &'static str,
+    last_media: Instant,
+    addrs: Vec<SocketAddr>,
+    ufrag: String,
+    leg: Option<Leg>,
+}
+
+struct RelayStream {
+    sender: Option<PeerId>,
+    receivers: Vec<PeerId>,
+    mp3: Option<PacketSink>,
+}
+
+#[derive(Default)]
+struct Stats {
+    unrouted: u64,
+    send_errors: u64,
+}
+
+struct Relay {
+    socket: UdpSocket,
+    poll: Poll,
+    commands: Receiver<Command>,
+    /// The address str0m is told packets arrive on (our first host candidate).
+    local_label: SocketAddr,
+    peers: HashMap<PeerId, Peer>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    by_ufrag: HashMap<String, PeerId>,
+    streams: HashMap<Arc<str>, RelayStream>,
+    /// RTP packets from senders waiting to be forwarded (reused buffer).
+    forward: Vec<RtpPacket>,
+    sender_idle: Duration,
+    handshake_timeout: Duration,
+    next_housekeeping: Instant,
+    stats: Stats,
+}
+
+impl Relay {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(16);
+        let mut buf = vec![0u8; 2048];
+        let mut shutting_down: Option<Instant> = None;
+        loop {
+            // Commands from signalling.
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                        if shutting_down.is_none() {
+                            shutting_down = Some(Instant::now());
+                            self.close_all();
+                        }
+                        break;
+                    }
+                    Ok(cmd) => self.handle_command(cmd),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+
+            let now = Instant::now();
+            self.handle_timeouts(now);
+            if now >= self.next_housekeeping {
+                self.housekeeping(now);
+                self.next_housekeeping = now + HOUSEKEEPING;
+            }
+            self.reap(now);
+
+            if let Some(t) = shutting_down {
+                if self.peers.is_empty() || t.elapsed() > CLOSE_GRACE * 2 {
+                    tracing::info!("media relay stopped");
+                    return;
+                }
+            }
+
+            let deadline = self.next_deadline();
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(HOUSEKEEPING);
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "media relay poll failed");
+                    return;
+                }
+            }
+            for ev in events.iter() {
+                if ev.token() == SOCKET {
+                    self.read_socket(&mut buf);
+                }
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddSender {
+                peer,
+                stream,
+                rtc,
+                events,
+                mp3,
+            } => {
+                let entry = self
+                    .streams
+                    .entry(stream.clone())
+                    .or_insert_with(|| RelayStream {
+                        sender: None,
+                        receivers: Vec::new(),
+                        mp3: None,
+                    });
+                entry.sender = Some(peer);
+                entry.mp3 = mp3;
+                self.insert_peer(peer, *rtc, Role::Sender, stream, events, None);
+            }
+            Command::AddReceiver {
+                peer,
+                stream,
+                mut rtc,
+                mid,
+                events,
+            } => {
+                let Some(entry) = self.streams.get_mut(&stream) else {
+                    let _ = events.send(PeerEvent::Closed(peer, "stream ended"));
+                    return;
+                };
+                let Some(leg) = receiver_leg(&mut rtc, mid) else {
+                    let _ = events.send(PeerEvent::Closed(peer, "no Opus audio negotiated"));
+                    return;
+                };
+                entry.receivers.push(peer);
+                self.insert_peer(peer, *rtc, Role::Receiver, stream, events, Some(leg));
+            }
+            Command::RemoteCandidate { peer, candidate } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.rtc.add_remote_candidate(candidate);
+                    self.drain_peer(peer);
+                }
+            }
+            Command::ClosePeer { peer } => self.close_peer(peer, "closed by client"),
+            Command::EndStream { stream } => self.end_stream(&stream, "stream ended"),
+            Command::Shutdown => {}
+        }
+    }
+
+    fn insert_peer(
+        &mut self,
+        id: PeerId,
+        mut rtc: Rtc,
+        role: Role,
+        stream: Arc<str>,
+        events: PeerEvents,
+        leg: Option<Leg>,
+    ) {
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let now = Instant::now();
+        self.by_ufrag.insert(ufrag.clone(), id);
+        tracing::debug!(peer = id, ?role, stream = %stream, "peer added");
+        self.peers.insert(
+            id,
+            Peer {
+                id,
+                rtc,
+                role,
+                stream,
+                events,
+                created: now,
+                next_timeout: now,
+                connected: false,
+                closing_since: None,
+                close_reason: "",
+                last_media: now,
+                addrs: Vec::new(),
+                ufrag,
+                leg,
+            },
+        );
+        self.drain_peer(id);
+    }
+
+    /// Which peer a datagram from `source` belongs to.
+    fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<PeerId> {
+        if let Some(id) = self.by_addr.get(&source) {
+            return Some(*id);
+        }
+        // Unknown address: only a STUN binding request naming one of our
+        // ufrags can introduce it (RFC 7983: STUN starts with 0..=3).
+        if data.first().is_some_and(|b| *b < 4) {
+            let msg = str0m::ice::StunMessage::parse(data).ok()?;
+            let (local, _remote) = msg.split_username()?;
+            let id = *self.by_ufrag.get(local)?;
+            let peer = self.peers.get_mut(&id)?;
+            if peer.closing_since.is_none() && peer.addrs.len() < 8 {
+                peer.addrs.push(source);
+                self.by_addr.insert(source, id);
+            }
+            return Some(id);
+        }
+        None
+    }
+
+    fn read_socket(&mut self, buf: &mut [u8]) {
+        for _ in 0..READ_BATCH {
+            let (n, source) = match self.socket.recv_from(buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors surface here on Linux; they concern one remote only.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            };
+            let data = &buf[..n];
+            let Some(id) = self.route(source, data) else {
+                self.stats.unrouted += 1;
+                continue;
+            };
+            let Ok(contents) = data.try_into() else {
+                continue;
+            };
+            let now = Instant::now();
+            let input = Input::Receive(
+                now,
+                Receive {
+                    proto: Protocol::Udp,
+                    source,
+                    destination: self.local_label,
+                    contents,
+                },
+            );
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            if let Err(e) = peer.rtc.handle_input(input) {
+                tracing::debug!(peer = id, error = %e, "peer input error");
+                self.close_peer(id, "peer failed");
+                continue;
+            }
+            self.drain_peer(id);
+        }
+        // More may be waiting: make sure we come back without sleeping.
+        let _ = self
+            .poll
+            .registry()
+            .reregister(&mut self.socket, SOCKET, Interest::READABLE);
+    }
+
+    /// Polls one peer until it has nothing more to say, sending what it
+    /// transmits and handling its events; then forwards any RTP it produced.
+    fn drain_peer(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        drain(peer, &self.socket, &mut self.forward, &mut self.stats);
+        if self.forward.is_empty() {
+            return;
+        }
+        let stream = peer.stream.clone();
+        let mut packets = std::mem::take(&mut self.forward);
+        for pkt in packets.drain(..) {
+            self.forward_packet(&stream, pkt);
+        }
+        self.forward = packets;
+    }
+
+    /// Sends one sender packet to every connected receiver of the stream and
+    /// to its MP3 pipeline.
+    fn forward_packet(&mut self, stream: &Arc<str>, pkt: RtpPacket) {
+        let Some(entry) = self.streams.get(stream) else {
+            return;
+        };
+        if let Some(mp3) = &entry.mp3 {
+            mp3.push(*pkt.seq_no, pkt.time.numer(), pkt.payload.clone());
+        }
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            ..Default::default()
+        };
+        let seq_in = *pkt.seq_no as i64;
+        for rid in &entry.receivers {
+            let Some(peer) = self.peers.get_mut(rid) else {
+                continue;
+            };
+            if !peer.connected || peer.closing_since.is_some() {
+                continue;
+            }
+            let Some(leg) = peer.leg.as_mut() else {
+                continue;
+            };
+            let offset = *leg.seq_offset.get_or_insert(leg.seq_base as i64 - seq_in);
+            let seq_out = seq_in + offset;
+            if seq_out < 0 {
+                // Older than this receiver's first packet (reordered): skip.
+                continue;
+            }
+            let (ssrc, pt) = (leg.ssrc, leg.pt);
+            let mut api = peer.rtc.direct_api();
+            let Some(tx) = api.stream_tx(&ssrc) else {
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    (seq_out as u64).into(),
+                    pkt.header.timestamp,
+                    pkt.timestamp,
+                    pkt.payload.clone(),
+                )
+                .marker(pkt.header.marker)
+                .ext_vals(ext.clone()),
+            );
+            let mut none = Vec::new();
+            drain(peer, &self.socket, &mut none, &mut self.stats);
+        }
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
+        let due: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|p| p.next_timeout <= now)
+            .map(|p| p.id)
+            .collect();
+        for id in due {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(peer = id, error = %e, "peer timeout error");
+                self.close_peer(id, "peer failed");
+                continue;
+            }
+            self.drain_peer(id);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let mut to_close = Vec::new();
+        for p in self.peers.values() {
+            if p.closing_since.is_some() {
+                continue;
+            }
+            if !p.connected && now.duration_since(p.created) > self.handshake_timeout {
+                to_close.push((p.id, "ICE/DTLS handshake timed out"));
+            } else if p.role == Role::Sender
+                && p.connected
+                && now.duration_since(p.last_media) > self.sender_idle
+            {
+                to_close.push((p.id, "sender sent no audio"));
+            }
+        }
+        for (id, why) in to_close {
+            self.close_peer(id, why);
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut t = self.next_housekeeping;
+        for p in self.peers.values() {
+            t = t.min(p.next_timeout);
+        }
+        t
+    }
+
+    /// Starts closing a peer: RTCP BYE and DTLS close_notify go out, the
+    /// owner is told, and a sender's stream ends with it.
+    fn close_peer(&mut self, id: PeerId, why: &'static str) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.closing_since.is_some() {
+            return;
+        }
+        peer.closing_since = Some(Instant::now());
+        peer.close_reason = why;
+        if peer.rtc.close().is_err() {
+            peer.rtc.disconnect();
+        }
+        let mut none = Vec::new();
+        drain(peer, &self.socket, &mut none, &mut self.stats);
+        let _ = peer.events.send(PeerEvent::Closed(id, why));
+        tracing::info!(peer = id, role = ?peer.role, stream = %peer.stream, reason = why, "peer closed");
+        let (role, stream) = (peer.role, peer.stream.clone());
+        match role {
+            Role::Sender => self.end_stream(&stream, why),
+            Role::Receiver => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.receivers.retain(|r| *r != id);
+                }
+            }
+        }
+    }
+
+    /// Ends a stream: its sender and all its receivers close, its MP3
+    /// pipeline is flushed and dropped.
+    fn end_stream(&mut self, stream: &Arc<str>, why: &'static str) {
+        let Some(entry) = self.streams.remove(stream) else {
+            return;
+        };
+        // Dropping the sink flushes the encoder and ends the MP3 listeners.
+        let RelayStream {
+            sender,
+            receivers,
+            mp3: _,
+        } = entry;
+        if let Some(s) = sender {
+            self.close_peer(s, why);
+        }
+        for r in receivers {
+            self.close_peer(r, "stream ended");
+        }
+    }
+
+    fn close_all(&mut self) {
+        let streams: Vec<Arc<str>> = self.streams.keys().cloned().collect();
+        for s in streams {
+            self.end_stream(&s, "server shutting down");
+        }
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.close_peer(id, "server shutting down");
+        }
+    }
+
+    /// Frees peers that are dead, or closing for longer than the grace time.
+    fn reap(&mut self, now: Instant) {
+        let dead: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                !p.rtc.is_alive()
+                    || p.closing_since
+                        .is_some_and(|t| now.duration_since(t) > CLOSE_GRACE)
+            })
+            .map(|p| p.id)
+            .collect();
+        for id in dead {
+            // A peer that died on its own is first closed properly.
+            self.close_peer(id, "peer disconnected");
+            if let Some(p) = self.peers.remove(&id) {
+                for a in &p.addrs {
+                    self.by_addr.remove(a);
+                }
+                self.by_ufrag.remove(&p.ufrag);
+                tracing::debug!(peer = id, "peer freed");
+            }
+        }
+    }
+}
+
+/// Polls a peer until its next timeout. RTP from a sender goes to `forward`.
+fn drain(peer: &mut Peer, socket: &UdpSocket, forward: &mut Vec<RtpPacket>, stats: &mut Stats) {
+    loop {
+        if !peer.rtc.is_alive() {
+            peer.next_timeout = Instant::now();
+            return;
+        }
+        match peer.rtc.poll_output() {
+            Ok(Output::Timeout(t)) => {
+                peer.next_timeout = t;
+                return;
+            }
+            Ok(Output::Transmit(t)) => {
+                if let Err(e) = socket.send_to(&t.contents, t.destination) {
+                    stats.send_errors += 1;
+                    tracing::trace!(error = %e, "udp send failed");
+                }
+            }
+            Ok(Output::Event(ev)) => match ev {
+                Event::Connected => {
+                    peer.connected = true;
+                    peer.last_media = Instant::now();
+                    tracing::info!(
+                        peer = peer.id,
+                        role = ?peer.role,
+                        stream = %peer.stream,
+                        ms = peer.created.elapsed().as_millis() as u64,
+                        "peer connected"
+                    );
+                    let _ = peer.events.send(PeerEvent::Connected(peer.id));
+                }
+                // ICE lost, or the remote said goodbye: the reaper tells the owner.
+                Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                | Event::Closed
+                    if peer.closing_since.is_none() =>
+                {
+                    peer.rtc.disconnect();
+                }
+                Event::RtpPacket(pkt)
+                    if peer.role == Role::Sender && peer.closing_since.is_none() =>
+                {
+                    peer.last_media = Instant::now();
+                    forward.push(pkt);
+                }
+                _ => {}
+            },
+            Err(e) => {
+                tracing::debug!(peer = peer.id, error = %e, "peer poll error");
+                peer.rtc.disconnect();
+                peer.next_timeout = Instant::now();
+                return;
+            }
+        }
+    }
+}
+
+/// The outgoing leg of a negotiated receiver peer: its audio m-line's SSRC and
+/// the Opus payload type its browser accepted.
+fn receiver_leg(rtc: &mut Rtc, mid: Mid) -> Option<Leg> {
+    let pt = negotiated_opus_pt(rtc, mid)?;
+    let ssrc = rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+    let seq_base = u64::from(rand::random::<u16>() & 0x7fff);
+    Some(Leg {
+        ssrc,
+        pt,
+        seq_base,
+        seq_offset: None,
+    })
+}
+
+/// The Opus payload type negotiated on the audio m-line `mid`, if any.
+pub fn negotiated_opus_pt(rtc: &Rtc, mid: Mid) -> Option<Pt> {
+    let media = rtc.media(mid)?;
+    if media.kind() != MediaKind::Audio {
+        return None;
+    }
+    let pts = media.remote_pts();
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus && pts.contains(&p.pt()))
+        .map(|p| p.pt())
+}
