@@ -3,6 +3,7 @@
 //! (the UDP port for media, the addresses announced in ICE candidates).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -41,6 +42,37 @@ pub struct Config {
     /// Largest WebSocket message accepted from a client, in bytes.
     #[arg(long, env = "VOICE_RELAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Serve HTTPS and WSS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "VOICE_RELAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "VOICE_RELAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS and WSS with a self-signed certificate made for the
+    /// announced IPs and --tls-hostname names, kept in --data-dir and reused
+    /// across restarts. Its CA is offered at /ca.crt.
+    #[arg(long, env = "VOICE_RELAY_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
+
+    /// Extra host name for the self-signed certificate (repeatable).
+    #[arg(
+        long = "tls-hostname",
+        env = "VOICE_RELAY_TLS_HOSTNAME",
+        value_delimiter = ','
+    )]
+    pub tls_hostname: Vec<String>,
+
+    /// Where generated state (the self-signed certificate) is kept.
+    #[arg(long, env = "VOICE_RELAY_DATA_DIR", default_value = "voice-relay-data")]
+    pub data_dir: PathBuf,
+
+    /// An extra plain-HTTP listener serving only /stream/*.mp3, /stream/status
+    /// and /health, for speakers that refuse self-signed HTTPS (e.g. 0.0.0.0:8081).
+    #[arg(long, env = "VOICE_RELAY_AUDIO_LISTEN")]
+    pub audio_listen: Option<SocketAddr>,
 
     /// MP3 bit rate in kbit/s (CBR).
     #[arg(long, env = "VOICE_RELAY_MP3_BITRATE", default_value_t = 128)]

@@ -25,6 +25,8 @@ pub struct AppState {
     pub max_message_bytes: usize,
     /// Default wait of `latest.mp3` for a stream to start.
     pub mp3_wait: Duration,
+    /// The certificate offered at `/ca.crt` when serving TLS.
+    pub ca_pem: Option<Arc<Vec<u8>>>,
 }
 
 impl AppState {
@@ -38,13 +40,19 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/ws", get(ws))
+        .route("/ca.crt", get(ca_cert))
         .merge(web::routes())
         .merge(audio_routes())
         .with_state(state)
 }
 
-/// The routes a speaker needs (also served alone on `--audio-listen`).
-pub fn audio_routes() -> Router<AppState> {
+/// The plain-HTTP listener for speakers (`--audio-listen`).
+pub fn audio_router(state: AppState) -> Router {
+    audio_routes().with_state(state)
+}
+
+/// The routes a speaker needs.
+fn audio_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/stream/status", get(status))
@@ -138,6 +146,23 @@ async fn root(
     match upgrade {
         Ok(upgrade) => upgrade_ws(state, upgrade),
         Err(_) => web::index().into_response(),
+    }
+}
+
+async fn ca_cert(State(state): State<AppState>) -> Response {
+    match &state.ca_pem {
+        Some(pem) => (
+            [
+                (header::CONTENT_TYPE, "application/x-x509-ca-cert"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"voice-relay-ca.crt\"",
+                ),
+            ],
+            pem.as_ref().clone(),
+        )
+            .into_response(),
+        None => not_found("this server does not use TLS".into()),
     }
 }
 

@@ -10,4 +10,5 @@ pub mod mp3;
 pub mod registry;
 pub mod relay;
 pub mod signalling;
+pub mod tls;
 pub mod web;

@@ -5,18 +5,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::future::IntoFuture;
-
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use axum_server::tls_rustls::RustlsConfig;
 use voice_relay::config::Config;
 use voice_relay::http::{self, AppState};
 use voice_relay::mp3::Mp3Config;
 use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig};
 use voice_relay::signalling::Signalling;
+use voice_relay::tls;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,30 +65,57 @@ async fn run(config: Config) -> anyhow::Result<()> {
         relay: relay.clone(),
         mp3,
     });
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ if config.tls_self_signed => Some(tls::self_signed(
+            &config.data_dir,
+            &config.announce_ips(),
+            &config.tls_hostname,
+        )?),
+        _ => None,
+    };
     let state = AppState {
         signalling,
         max_message_bytes: config.max_message_bytes,
         mp3_wait: Duration::from_millis(config.mp3_wait_ms),
+        ca_pem: tls.as_ref().map(|t| Arc::new(t.ca_pem.clone())),
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding tcp/{}", config.listen))?;
-    tracing::info!(listen = %config.listen, "voice relay ready (HTTP + WebSocket)");
 
-    let app = http::router(state);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.await;
-    });
-    let mut served = tokio::spawn(server.into_future());
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let mut servers = tokio::task::JoinSet::new();
+    let main_app = http::router(state.clone()).into_make_service();
+    let main_std = bind_tcp(config.listen)?;
+    match &tls {
+        Some(t) => {
+            let rustls = RustlsConfig::from_pem(t.cert_pem.clone(), t.key_pem.clone())
+                .await
+                .context("loading the TLS certificate and key")?;
+            let server = axum_server::from_tcp_rustls(main_std, rustls)?.handle(handle.clone());
+            servers.spawn(async move { server.serve(main_app).await });
+            tracing::info!(listen = %config.listen, "voice relay ready (HTTPS + WSS)");
+        }
+        None => {
+            let server = axum_server::from_tcp(main_std)?.handle(handle.clone());
+            servers.spawn(async move { server.serve(main_app).await });
+            tracing::info!(listen = %config.listen, "voice relay ready (HTTP + WebSocket)");
+        }
+    }
+    if let Some(addr) = config.audio_listen {
+        let audio_app = http::audio_router(state.clone()).into_make_service();
+        let server = axum_server::from_tcp(bind_tcp(addr)?)?.handle(handle.clone());
+        servers.spawn(async move { server.serve(audio_app).await });
+        tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
+    }
 
     tokio::select! {
         _ = shutdown_signal() => {}
-        res = &mut served => {
-            // The server stopped on its own: that is an error.
+        res = servers.join_next() => {
+            // A server stopped on its own: that is an error.
             let _ = relay.send(Command::Shutdown);
-            res.context("HTTP server task")?.context("HTTP server")?;
-            return Ok(());
+            if let Some(res) = res {
+                res.context("HTTP server task")?.context("HTTP server")?;
+            }
+            anyhow::bail!("an HTTP listener stopped unexpectedly");
         }
     }
     tracing::info!("shutting down");
@@ -95,18 +123,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // end every MP3 body, then give connections a bounded time to finish.
     registry.shutdown();
     let _ = relay.send(Command::Shutdown);
-    let _ = stop_tx.send(());
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut served)
+    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let all_done = async { while servers.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_millis(500), all_done)
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the grace period; closing them");
-        served.abort();
+        servers.abort_all();
     }
     let join = tokio::task::spawn_blocking(move || relay_thread.join());
     let _ = tokio::time::timeout(Duration::from_secs(1), join).await;
     tracing::info!("bye");
     Ok(())
+}
+
+fn bind_tcp(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding tcp/{addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 async fn shutdown_signal() {
