@@ -10,9 +10,13 @@
 //! or offer leaves at once) and hands it over with a [`Command`]; the relay
 //! reports back with [`PeerEvent`]s.
 
-use std::collections::HashMap;
+mod outbox;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -29,6 +33,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::mp3::PacketSink;
+use outbox::Outbox;
 
 /// Identifies one peer connection (one sender or one receiver leg).
 pub type PeerId = u64;
@@ -178,8 +183,12 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
         cert,
         next_peer: Arc::new(AtomicU64::new(1)),
     };
+    let fd = socket.as_raw_fd();
     let relay = Relay {
         socket,
+        fd,
+        out: Outbox::default(),
+        timers: BinaryHeap::new(),
         poll,
         commands: rx,
         local_label,
@@ -239,6 +248,8 @@ struct Peer {
     events: PeerEvents,
     created: Instant,
     next_timeout: Instant,
+    /// The time of this peer's live entry in the timer heap.
+    scheduled: Option<Instant>,
     connected: bool,
     /// `Rtc::close()` was called; the peer is flushing its goodbyes.
     closing_since: Option<Instant>,
@@ -258,11 +269,16 @@ struct RelayStream {
 #[derive(Default)]
 struct Stats {
     unrouted: u64,
-    send_errors: u64,
 }
 
 struct Relay {
     socket: UdpSocket,
+    fd: RawFd,
+    /// Datagrams waiting for the next `sendmmsg`.
+    out: Outbox,
+    /// Peer wake-ups, earliest first. An entry is live only while it equals
+    /// the peer's `scheduled` time; others are skipped when popped.
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     poll: Poll,
     commands: Receiver<Command>,
     /// The address str0m is told packets arrive on (our first host candidate).
@@ -315,6 +331,9 @@ impl Relay {
                 }
             }
 
+            if !self.out.is_empty() {
+                self.out.flush(self.fd);
+            }
             let deadline = self.next_deadline();
             let wait = deadline
                 .saturating_duration_since(Instant::now())
@@ -407,6 +426,7 @@ impl Relay {
                 events,
                 created: now,
                 next_timeout: now,
+                scheduled: None,
                 connected: false,
                 closing_since: None,
                 close_reason: "",
@@ -479,6 +499,7 @@ impl Relay {
                 continue;
             }
             self.drain_peer(id);
+            self.out.flush(self.fd);
         }
         // More may be waiting: make sure we come back without sleeping.
         let _ = self
@@ -493,7 +514,8 @@ impl Relay {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        drain(peer, &self.socket, &mut self.forward, &mut self.stats);
+        drain(peer, self.fd, &mut self.out, &mut self.forward);
+        schedule(peer, &mut self.timers);
         if self.forward.is_empty() {
             return;
         }
@@ -552,22 +574,25 @@ impl Relay {
                 .marker(pkt.header.marker)
                 .ext_vals(ext.clone()),
             );
-            let mut none = Vec::new();
-            drain(peer, &self.socket, &mut none, &mut self.stats);
+            drain(peer, self.fd, &mut self.out, &mut Vec::new());
+            schedule(peer, &mut self.timers);
         }
+        self.out.flush(self.fd);
     }
 
     fn handle_timeouts(&mut self, now: Instant) {
-        let due: Vec<PeerId> = self
-            .peers
-            .values()
-            .filter(|p| p.next_timeout <= now)
-            .map(|p| p.id)
-            .collect();
-        for id in due {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
             };
+            if peer.scheduled != Some(t) {
+                continue; // superseded by an earlier entry
+            }
+            peer.scheduled = None;
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(peer = id, error = %e, "peer timeout error");
                 self.close_peer(id, "peer failed");
@@ -575,6 +600,7 @@ impl Relay {
             }
             self.drain_peer(id);
         }
+        self.out.flush(self.fd);
     }
 
     fn housekeeping(&mut self, now: Instant) {
@@ -598,11 +624,10 @@ impl Relay {
     }
 
     fn next_deadline(&self) -> Instant {
-        let mut t = self.next_housekeeping;
-        for p in self.peers.values() {
-            t = t.min(p.next_timeout);
+        match self.timers.peek() {
+            Some(Reverse((t, _))) => (*t).min(self.next_housekeeping),
+            None => self.next_housekeeping,
         }
-        t
     }
 
     /// Starts closing a peer: RTCP BYE and DTLS close_notify go out, the
@@ -619,8 +644,8 @@ impl Relay {
         if peer.rtc.close().is_err() {
             peer.rtc.disconnect();
         }
-        let mut none = Vec::new();
-        drain(peer, &self.socket, &mut none, &mut self.stats);
+        drain(peer, self.fd, &mut self.out, &mut Vec::new());
+        schedule(peer, &mut self.timers);
         let _ = peer.events.send(PeerEvent::Closed(id, why));
         tracing::info!(peer = id, role = ?peer.role, stream = %peer.stream, reason = why, "peer closed");
         let (role, stream) = (peer.role, peer.stream.clone());
@@ -691,8 +716,18 @@ impl Relay {
     }
 }
 
-/// Polls a peer until its next timeout. RTP from a sender goes to `forward`.
-fn drain(peer: &mut Peer, socket: &UdpSocket, forward: &mut Vec<RtpPacket>, stats: &mut Stats) {
+/// Puts the peer's next wake-up in the timer heap unless an entry at or
+/// before it is already there.
+fn schedule(peer: &mut Peer, timers: &mut BinaryHeap<Reverse<(Instant, PeerId)>>) {
+    if peer.scheduled.is_none_or(|s| peer.next_timeout < s) {
+        peer.scheduled = Some(peer.next_timeout);
+        timers.push(Reverse((peer.next_timeout, peer.id)));
+    }
+}
+
+/// Polls a peer until its next timeout: datagrams go to the outbox, RTP from
+/// a sender to `forward`.
+fn drain(peer: &mut Peer, fd: RawFd, out: &mut Outbox, forward: &mut Vec<RtpPacket>) {
     loop {
         if !peer.rtc.is_alive() {
             peer.next_timeout = Instant::now();
@@ -704,10 +739,7 @@ fn drain(peer: &mut Peer, socket: &UdpSocket, forward: &mut Vec<RtpPacket>, stat
                 return;
             }
             Ok(Output::Transmit(t)) => {
-                if let Err(e) = socket.send_to(&t.contents, t.destination) {
-                    stats.send_errors += 1;
-                    tracing::trace!(error = %e, "udp send failed");
-                }
+                out.push(fd, t.destination, t.contents.into());
             }
             Ok(Output::Event(ev)) => match ev {
                 Event::Connected => {
