@@ -48,7 +48,7 @@ fi
 VENV="$ROOT/.venv-test"
 REQ="$ROOT/tests/e2e/requirements.txt"
 STAMP="$VENV/.requirements.sha256"
-want_hash="$( (sha256sum "$REQ"; python3 --version) | sha256sum | cut -d' ' -f1)"
+want_hash="$( (cat "$REQ"; python3 --version) | sha256sum | cut -d' ' -f1)"
 if [[ ! -x "$VENV/bin/python" ]]; then
   step "creating $VENV"
   python3 -m venv "$VENV"
@@ -69,8 +69,8 @@ fi
 # --- 3. Rust ---------------------------------------------------------------
 step "cargo fmt --check"
 cargo fmt --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --release --all-targets -- -D warnings"
+cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release"
 cargo test --release
 step "cargo build --release"

@@ -74,6 +74,46 @@ pub struct Config {
     #[arg(long, env = "VOICE_RELAY_AUDIO_LISTEN")]
     pub audio_listen: Option<SocketAddr>,
 
+    /// Most streams live at once.
+    #[arg(long, env = "VOICE_RELAY_MAX_STREAMS", default_value_t = 64)]
+    pub max_streams: usize,
+
+    /// Most WebRTC receivers of one stream.
+    #[arg(
+        long,
+        env = "VOICE_RELAY_MAX_RECEIVERS_PER_STREAM",
+        default_value_t = 4000
+    )]
+    pub max_receivers_per_stream: usize,
+
+    /// Most WebRTC receivers in all.
+    #[arg(long, env = "VOICE_RELAY_MAX_RECEIVERS", default_value_t = 8000)]
+    pub max_receivers: usize,
+
+    /// Most MP3 listeners of one stream.
+    #[arg(
+        long,
+        env = "VOICE_RELAY_MAX_LISTENERS_PER_STREAM",
+        default_value_t = 18000
+    )]
+    pub max_listeners_per_stream: usize,
+
+    /// Most MP3 listeners in all.
+    #[arg(long, env = "VOICE_RELAY_MAX_LISTENERS", default_value_t = 18000)]
+    pub max_listeners: usize,
+
+    /// Most WebSocket connections from one IP address.
+    #[arg(
+        long,
+        env = "VOICE_RELAY_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 200
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Messages per second a WebSocket client may send (bursts of twice this).
+    #[arg(long, env = "VOICE_RELAY_MAX_MESSAGES_PER_SEC", default_value_t = 20)]
+    pub max_messages_per_sec: u32,
+
     /// MP3 bit rate in kbit/s (CBR).
     #[arg(long, env = "VOICE_RELAY_MP3_BITRATE", default_value_t = 128)]
     pub mp3_bitrate: u32,
@@ -118,6 +158,18 @@ impl Config {
         }
     }
 
+    pub fn limits(&self) -> Limits {
+        Limits {
+            streams: self.max_streams,
+            receivers_per_stream: self.max_receivers_per_stream,
+            receivers: self.max_receivers,
+            listeners_per_stream: self.max_listeners_per_stream,
+            listeners: self.max_listeners,
+            connections_per_ip: self.max_connections_per_ip,
+            messages_per_sec: self.max_messages_per_sec.max(1),
+        }
+    }
+
     pub fn sender_idle(&self) -> Duration {
         Duration::from_secs(self.sender_idle_secs.max(1))
     }
@@ -125,6 +177,18 @@ impl Config {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
     }
+}
+
+/// Bounds on what clients may use; hitting one gives a clear error.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub streams: usize,
+    pub receivers_per_stream: usize,
+    pub receivers: usize,
+    pub listeners_per_stream: usize,
+    pub listeners: usize,
+    pub connections_per_ip: usize,
+    pub messages_per_sec: u32,
 }
 
 /// The IPv4 addresses of the machine's non-loopback, up interfaces.

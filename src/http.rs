@@ -1,12 +1,13 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
 //! `/stream/status`, the live MP3 streams, and the web assets.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::metrics::metrics;
 use crate::registry::{Registry, StreamEvent};
 use crate::signalling::{self, Signalling};
 use crate::web;
@@ -57,6 +59,26 @@ fn audio_routes() -> Router<AppState> {
         .route("/health", get(health))
         .route("/stream/status", get(status))
         .route("/stream/{file}", get(mp3_stream))
+        .route("/metrics", get(prometheus_metrics))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn prometheus_metrics(State(state): State<AppState>) -> Response {
+    let reg = state.registry();
+    let m = metrics();
+    m.streams.set(reg.list().len() as i64);
+    m.senders.set(reg.senders() as i64);
+    m.receivers.set(reg.receivers() as i64);
+    m.mp3_listeners.set(reg.total_listeners() as i64);
+    m.websocket_clients.set(reg.clients() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -110,6 +132,19 @@ async fn mp3_stream(
     if method == Method::HEAD {
         return (headers, Body::empty()).into_response();
     }
+    let limits = &state.signalling.limits;
+    if fanout.listener_count() >= limits.listeners_per_stream
+        || registry.total_listeners() >= limits.listeners
+    {
+        tracing::info!(stream = %stream_id, "mp3 listener refused: limit reached");
+        metrics().limit_hits.with_label_values(&["listeners"]).inc();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "10")],
+            Json(json!({ "error": "too many listeners, try again later" })),
+        )
+            .into_response();
+    }
     let listener = fanout.subscribe();
     tracing::info!(stream = %stream_id, listeners = fanout.listener_count(), "mp3 listener joined");
     (headers, Body::from_stream(listener.into_stream())).into_response()
@@ -141,10 +176,11 @@ async fn wait_for_latest(
 
 async fn root(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => upgrade_ws(state, upgrade),
+        Ok(upgrade) => upgrade_ws(state, peer, upgrade),
         Err(_) => web::index().into_response(),
     }
 }
@@ -166,17 +202,39 @@ async fn ca_cert(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade_ws(state, upgrade)
+async fn ws(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade_ws(state, peer, upgrade)
 }
 
-fn upgrade_ws(state: AppState, upgrade: WebSocketUpgrade) -> Response {
+fn upgrade_ws(state: AppState, peer: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
     let max = state.max_message_bytes;
     let ctx = state.signalling.clone();
+    let per_ip = ctx.limits.connections_per_ip;
+    let Some(guard) = ctx.registry.ip_guard(peer.ip(), per_ip) else {
+        tracing::info!(ip = %peer.ip(), "too many WebSocket connections from one address");
+        metrics()
+            .limit_hits
+            .with_label_values(&["connections_per_ip"])
+            .inc();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({
+                "error": format!("too many connections from this address (the limit is {per_ip})")
+            })),
+        )
+            .into_response();
+    };
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| signalling::serve(socket, ctx, max))
+        .on_upgrade(move |socket| async move {
+            signalling::serve(socket, ctx, max).await;
+            drop(guard);
+        })
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -209,4 +267,27 @@ async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
         "active_streams": reg.list(),
         "mp3_listeners": listeners,
     }))
+}
+
+/// Send buffer of accepted TCP connections. Small on purpose: a live MP3
+/// listener that stops reading must fall behind (and be dropped) within
+/// seconds, instead of the kernel soaking up minutes of audio for it. JSON
+/// signalling messages are far smaller.
+const TCP_SEND_BUFFER: usize = 64 * 1024;
+
+/// Applies our socket options to every accepted connection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TuneSocket;
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for TuneSocket {
+    type Stream = tokio::net::TcpStream;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Self::Stream, Self::Service)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock.set_send_buffer_size(TCP_SEND_BUFFER);
+        let _ = stream.set_nodelay(true);
+        std::future::ready(Ok((stream, service)))
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod mp3;
 pub mod registry;
 pub mod relay;

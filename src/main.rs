@@ -1,6 +1,7 @@
 //! Entry point: parse the configuration, start the media relay and the HTTP
 //! server, and shut both down cleanly on SIGTERM or Ctrl-C.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,9 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::Config;
+use voice_relay::http::TuneSocket;
 use voice_relay::http::{self, AppState};
 use voice_relay::mp3::Mp3Config;
 use voice_relay::registry::Registry;
@@ -26,6 +28,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("voice_relay=info,str0m=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     raise_fd_limit();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -64,6 +67,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         registry: registry.clone(),
         relay: relay.clone(),
         mp3,
+        limits: config.limits(),
     });
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
@@ -83,26 +87,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let handle = axum_server::Handle::<SocketAddr>::new();
     let mut servers = tokio::task::JoinSet::new();
-    let main_app = http::router(state.clone()).into_make_service();
+    let main_app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let main_std = bind_tcp(config.listen)?;
     match &tls {
         Some(t) => {
             let rustls = RustlsConfig::from_pem(t.cert_pem.clone(), t.key_pem.clone())
                 .await
                 .context("loading the TLS certificate and key")?;
-            let server = axum_server::from_tcp_rustls(main_std, rustls)?.handle(handle.clone());
+            let server = axum_server::from_tcp(main_std)?
+                .acceptor(RustlsAcceptor::new(rustls).acceptor(TuneSocket))
+                .handle(handle.clone());
             servers.spawn(async move { server.serve(main_app).await });
             tracing::info!(listen = %config.listen, "voice relay ready (HTTPS + WSS)");
         }
         None => {
-            let server = axum_server::from_tcp(main_std)?.handle(handle.clone());
+            let server = axum_server::from_tcp(main_std)?
+                .acceptor(TuneSocket)
+                .handle(handle.clone());
             servers.spawn(async move { server.serve(main_app).await });
             tracing::info!(listen = %config.listen, "voice relay ready (HTTP + WebSocket)");
         }
     }
     if let Some(addr) = config.audio_listen {
-        let audio_app = http::audio_router(state.clone()).into_make_service();
-        let server = axum_server::from_tcp(bind_tcp(addr)?)?.handle(handle.clone());
+        let audio_app =
+            http::audio_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum_server::from_tcp(bind_tcp(addr)?)?
+            .acceptor(TuneSocket)
+            .handle(handle.clone());
         servers.spawn(async move { server.serve(audio_app).await });
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
     }

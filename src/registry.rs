@@ -3,6 +3,8 @@
 //! `stream_ended` events to every connected client. Signalling and HTTP talk
 //! to it; it knows nothing of sockets or peers.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -31,6 +33,8 @@ pub struct Stream {
     pub started: Instant,
     /// Live MP3 for HTTP listeners.
     pub fanout: Arc<Fanout>,
+    /// WebRTC receiver legs of this stream (offered or live).
+    pub receivers: Arc<AtomicUsize>,
 }
 
 pub struct Registry {
@@ -39,6 +43,7 @@ pub struct Registry {
     senders: AtomicUsize,
     receivers: AtomicUsize,
     clients: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub started: Instant,
 }
 
@@ -57,6 +62,7 @@ impl Registry {
             senders: AtomicUsize::new(0),
             receivers: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
             started: Instant::now(),
         }
     }
@@ -86,6 +92,7 @@ impl Registry {
                 id: id.clone(),
                 started: Instant::now(),
                 fanout,
+                receivers: Arc::new(AtomicUsize::new(0)),
             });
         }
         self.senders.fetch_add(1, Ordering::Relaxed);
@@ -161,14 +168,74 @@ impl Registry {
         self.clients.load(Ordering::Relaxed)
     }
 
-    /// Counts one WebRTC receiver leg for as long as the guard lives.
-    pub fn receiver_guard(self: &Arc<Self>) -> CountGuard {
-        CountGuard::new(self.clone(), Counter::Receivers)
+    /// Receiver legs of one stream.
+    pub fn stream_receivers(&self, id: &str) -> usize {
+        self.lock()
+            .iter()
+            .find(|s| &*s.id == id)
+            .map_or(0, |s| s.receivers.load(Ordering::Relaxed))
+    }
+
+    /// MP3 listeners of all streams.
+    pub fn total_listeners(&self) -> usize {
+        self.lock().iter().map(|s| s.fanout.listener_count()).sum()
+    }
+
+    /// Counts one WebRTC receiver leg of `stream` for as long as the guard lives.
+    pub fn receiver_guard(self: &Arc<Self>, stream: &str) -> CountGuard {
+        let per_stream = self
+            .lock()
+            .iter()
+            .find(|s| &*s.id == stream)
+            .map(|s| s.receivers.clone());
+        if let Some(c) = &per_stream {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut guard = CountGuard::new(self.clone(), Counter::Receivers);
+        guard.per_stream = per_stream;
+        guard
     }
 
     /// Counts one WebSocket client for as long as the guard lives.
     pub fn client_guard(self: &Arc<Self>) -> CountGuard {
         CountGuard::new(self.clone(), Counter::Clients)
+    }
+
+    /// Counts a WebSocket connection from `ip`, unless that IP already has
+    /// `max` of them.
+    pub fn ip_guard(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpGuard> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpGuard {
+            registry: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One WebSocket connection from an IP address, counted while it lives.
+pub struct IpGuard {
+    registry: Arc<Registry>,
+    ip: IpAddr,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .registry
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -182,12 +249,17 @@ enum Counter {
 pub struct CountGuard {
     registry: Arc<Registry>,
     counter: Counter,
+    per_stream: Option<Arc<AtomicUsize>>,
 }
 
 impl CountGuard {
     fn new(registry: Arc<Registry>, counter: Counter) -> Self {
         registry.counter(counter).fetch_add(1, Ordering::Relaxed);
-        CountGuard { registry, counter }
+        CountGuard {
+            registry,
+            counter,
+            per_stream: None,
+        }
     }
 }
 
@@ -196,6 +268,9 @@ impl Drop for CountGuard {
         self.registry
             .counter(self.counter)
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = &self.per_stream {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

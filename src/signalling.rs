@@ -15,6 +15,8 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, Rtc};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::config::Limits;
+use crate::metrics::metrics;
 use crate::mp3::{self, Mp3Config};
 use crate::registry::{CountGuard, Registry, StreamEvent};
 use crate::relay::{self, Command, PeerEvent, PeerId, RelayHandle};
@@ -27,6 +29,7 @@ pub struct Signalling {
     pub registry: Arc<Registry>,
     pub relay: RelayHandle,
     pub mp3: Mp3Config,
+    pub limits: Limits,
 }
 
 // ---------------------------------------------------------------- messages
@@ -189,8 +192,55 @@ struct Connection {
     id: String,
     ctx: Arc<Signalling>,
     role: Role,
+    rate: RateLimit,
     peer_events: mpsc::UnboundedSender<PeerEvent>,
     out: Vec<ServerMessage>,
+}
+
+/// A token bucket: `per_sec` messages a second, bursts of twice that.
+struct RateLimit {
+    per_sec: u32,
+    tokens: f64,
+    last: Instant,
+    last_warned: Option<Instant>,
+}
+
+enum Admit {
+    Yes,
+    /// Refused, and the client should be told (at most once a second).
+    NoSayWhy,
+    No,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> Self {
+        RateLimit {
+            per_sec,
+            tokens: f64::from(per_sec) * 2.0,
+            last: Instant::now(),
+            last_warned: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Admit {
+        let rate = f64::from(self.per_sec);
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Admit::Yes;
+        }
+        if self
+            .last_warned
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_warned = Some(now);
+            Admit::NoSayWhy
+        } else {
+            Admit::No
+        }
+    }
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -201,10 +251,12 @@ pub async fn serve(socket: WebSocket, ctx: Arc<Signalling>, max_message: usize) 
     let _client = ctx.registry.client_guard();
     let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
     let mut events = ctx.registry.subscribe();
+    let ctx_rate = ctx.limits.messages_per_sec;
     let mut conn = Connection {
         id: format!("conn_{n}"),
         ctx,
         role: Role::Idle,
+        rate: RateLimit::new(ctx_rate),
         peer_events: peer_tx,
         out: Vec::new(),
     };
@@ -292,14 +344,39 @@ impl Connection {
 
     fn error(&mut self, code: &'static str, message: impl Into<String>) {
         let message = message.into();
+        let m = metrics();
+        m.errors.with_label_values(&[code]).inc();
+        if let Some(limit) = code.strip_prefix("limit_") {
+            m.limit_hits.with_label_values(&[limit]).inc();
+        }
         tracing::debug!(conn = %self.id, code, %message, "client error");
         self.out.push(ServerMessage::error(code, message));
     }
 
     fn handle_text(&mut self, text: &str) {
+        match self.rate.take(Instant::now()) {
+            Admit::Yes => {}
+            Admit::No => {
+                metrics()
+                    .limit_hits
+                    .with_label_values(&["messages_per_sec"])
+                    .inc();
+                return;
+            }
+            Admit::NoSayWhy => {
+                let rate = self.rate.per_sec;
+                return self.error(
+                    "limit_messages_per_sec",
+                    format!("too many messages (the limit is {rate} per second); message ignored"),
+                );
+            }
+        }
         let msg = match parse_client_message(text) {
             Ok(m) => m,
             Err(e) => {
+                if let ServerMessage::Error { code, .. } = &e {
+                    metrics().errors.with_label_values(&[code]).inc();
+                }
                 self.out.push(e);
                 return;
             }
@@ -344,6 +421,13 @@ impl Connection {
         if let Err(e) = check_sender_sdp(&offer.sdp) {
             return self.error("bad_sdp", e);
         }
+        let max = self.ctx.limits.streams;
+        if self.ctx.registry.list().len() >= max {
+            return self.error(
+                "limit_streams",
+                format!("the server already relays its maximum of {max} streams"),
+            );
+        }
         let started = Instant::now();
         let sdp = match SdpOffer::from_sdp_string(&offer.sdp) {
             Ok(s) => s,
@@ -375,6 +459,9 @@ impl Connection {
                 sdp: answer.to_sdp_string(),
             },
         });
+        metrics()
+            .offer_answer_seconds
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             conn = %self.id,
             stream = %stream,
@@ -387,7 +474,7 @@ impl Connection {
     }
 
     fn start_receiving(&mut self, requested: Option<String>) {
-        let registry = &self.ctx.registry;
+        let registry = self.ctx.registry.clone();
         let target: Arc<str> = match requested.as_deref() {
             Some(id) if !id.is_empty() => match registry.list().into_iter().find(|s| &**s == id) {
                 Some(s) => s,
@@ -415,6 +502,21 @@ impl Connection {
             _ => {}
         }
         self.stop();
+        let limits = &self.ctx.limits;
+        if registry.receivers() >= limits.receivers {
+            let max = limits.receivers;
+            return self.error(
+                "limit_receivers",
+                format!("the server already has its maximum of {max} receivers"),
+            );
+        }
+        if registry.stream_receivers(&target) >= limits.receivers_per_stream {
+            let max = limits.receivers_per_stream;
+            return self.error(
+                "limit_receivers_per_stream",
+                format!("this stream already has its maximum of {max} receivers"),
+            );
+        }
 
         let relay = &self.ctx.relay;
         let mut rtc = relay.new_rtc();
@@ -437,13 +539,14 @@ impl Connection {
             },
         });
         tracing::debug!(conn = %self.id, stream = %target, peer, "offer sent to receiver");
+        let count = self.ctx.registry.receiver_guard(&target);
         self.role = Role::Offering {
             stream: target,
             peer,
             rtc: Box::new(rtc),
             pending,
             mid,
-            _count: self.ctx.registry.receiver_guard(),
+            _count: count,
         };
     }
 
@@ -628,6 +731,20 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"type":"sender_ready","connection_id":"conn_1","stream_id":"stream_a"}"#
         );
+    }
+
+    #[test]
+    fn rate_limit_allows_bursts_then_refills() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10);
+        let admitted = (0..25).filter(|_| matches!(r.take(t0), Admit::Yes)).count();
+        assert_eq!(admitted, 20, "a burst of twice the rate");
+        assert!(matches!(r.take(t0), Admit::No), "told once, then silent");
+        let later = t0 + Duration::from_millis(500);
+        let admitted = (0..10)
+            .filter(|_| matches!(r.take(later), Admit::Yes))
+            .count();
+        assert_eq!(admitted, 5, "refills at the rate");
     }
 
     #[test]

@@ -345,6 +345,7 @@ impl Listener {
                         st.rx = None;
                         let fanout = &st.guard.0;
                         bump(&fanout.stats.listeners_dropped_slow, 1);
+                        crate::metrics::metrics().mp3_listeners_dropped_slow.inc();
                         tracing::warn!(
                             stream_id = %fanout.stream_id,
                             lagged_batches = lagged,

@@ -32,6 +32,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::metrics::metrics;
 use crate::mp3::PacketSink;
 use outbox::Outbox;
 
@@ -266,9 +267,39 @@ struct RelayStream {
     mp3: Option<PacketSink>,
 }
 
+/// Counts kept locally on the hot path and published to the metrics at
+/// each housekeeping tick.
 #[derive(Default)]
 struct Stats {
     unrouted: u64,
+    packets_in: u64,
+    bytes_in: u64,
+    packets_out: u64,
+    bytes_out: u64,
+    published_sent: u64,
+    published_dropped: u64,
+}
+
+impl Stats {
+    fn publish(&mut self, out: &Outbox) {
+        let m = metrics();
+        m.rtp_packets_in
+            .inc_by(std::mem::take(&mut self.packets_in));
+        m.rtp_bytes_in.inc_by(std::mem::take(&mut self.bytes_in));
+        m.rtp_packets_out
+            .inc_by(std::mem::take(&mut self.packets_out));
+        m.rtp_bytes_out.inc_by(std::mem::take(&mut self.bytes_out));
+        m.udp_dropped
+            .with_label_values(&["unrouted"])
+            .inc_by(std::mem::take(&mut self.unrouted));
+        m.udp_datagrams_sent
+            .inc_by(out.sent.saturating_sub(self.published_sent));
+        m.udp_dropped
+            .with_label_values(&["send_failed"])
+            .inc_by(out.dropped.saturating_sub(self.published_dropped));
+        self.published_sent = out.sent;
+        self.published_dropped = out.dropped;
+    }
 }
 
 struct Relay {
@@ -320,6 +351,7 @@ impl Relay {
             self.handle_timeouts(now);
             if now >= self.next_housekeeping {
                 self.housekeeping(now);
+                self.stats.publish(&self.out);
                 self.next_housekeeping = now + HOUSEKEEPING;
             }
             self.reap(now);
@@ -536,6 +568,8 @@ impl Relay {
         if let Some(mp3) = &entry.mp3 {
             mp3.push(*pkt.seq_no, pkt.time.numer(), pkt.payload.clone());
         }
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += pkt.payload.len() as u64;
         let ext = ExtensionValues {
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
@@ -576,6 +610,8 @@ impl Relay {
             );
             drain(peer, self.fd, &mut self.out, &mut Vec::new());
             schedule(peer, &mut self.timers);
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += pkt.payload.len() as u64;
         }
         self.out.flush(self.fd);
     }
@@ -647,6 +683,7 @@ impl Relay {
         drain(peer, self.fd, &mut self.out, &mut Vec::new());
         schedule(peer, &mut self.timers);
         let _ = peer.events.send(PeerEvent::Closed(id, why));
+        metrics().peers_closed.with_label_values(&[why]).inc();
         tracing::info!(peer = id, role = ?peer.role, stream = %peer.stream, reason = why, "peer closed");
         let (role, stream) = (peer.role, peer.stream.clone());
         match role {
@@ -753,6 +790,14 @@ fn drain(peer: &mut Peer, fd: RawFd, out: &mut Outbox, forward: &mut Vec<RtpPack
                         "peer connected"
                     );
                     let _ = peer.events.send(PeerEvent::Connected(peer.id));
+                    let m = metrics();
+                    let role = match peer.role {
+                        Role::Sender => "sender",
+                        Role::Receiver => "receiver",
+                    };
+                    m.peers_connected.with_label_values(&[role]).inc();
+                    m.handshake_seconds
+                        .observe(peer.created.elapsed().as_secs_f64());
                 }
                 // ICE lost, or the remote said goodbye: the reaper tells the owner.
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected)

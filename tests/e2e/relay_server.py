@@ -56,6 +56,7 @@ class RelayServer:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         env.setdefault("RUST_BACKTRACE", "1")
+        env.setdefault("NO_COLOR", "1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(self.bin), "--listen", f"{self.host}:{self.port}", *self.extra_args],

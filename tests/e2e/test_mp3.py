@@ -223,10 +223,8 @@ def test_mp3_body_ends_when_stream_stops(server: RelayServer) -> None:
             assert cap.returncode == 0, f"{how}: ffmpeg rc {cap.returncode}, stderr {cap.stderr[-500:]}"
             assert ended_after <= 5.0, f"{how}: body ended {ended_after:.1f}s after the stop"
             assert cap.seconds >= 1.5, cap.seconds
-            tail = cap.samples[-int(0.6 * 48000): -int(0.1 * 48000)] if cap.seconds > 1 else cap.samples
             assert abs(dominant_frequency(cap.samples[24000:]) - 440) <= 15
             assert not cap.problems(), f"{how}: {cap.problems()[:5]}"
-            del tail
             r = await http("GET", mp3_url(server, snd.stream_id), timeout=5)
             assert r.status == 404, f"{how}: ended stream's MP3 answers {r.status}"
 
@@ -275,7 +273,7 @@ def test_mp3_stalled_listener_is_dropped(server: RelayServer) -> None:
         sock.settimeout(5)
         sock.connect(("127.0.0.1", server.port))
         try:
-            sock.sendall(f"GET /stream/{snd.stream_id}.mp3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            sock.sendall(f"GET /stream/{snd.stream_id}.mp3 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             # never read while the stream plays on
             await asyncio.sleep(stall_seconds - 5)
             cap = await ffmpeg_capture(mp3_url(server, snd.stream_id), 4.0)
@@ -299,7 +297,12 @@ def test_mp3_stalled_listener_is_dropped(server: RelayServer) -> None:
                     eof = True
                     break
                 total += len(chunk)
-            assert eof, f"stalled listener still served after {stall_seconds:.0f}s ({total} bytes drained, no EOF)"
+            assert eof, (
+                f"stalled listener still served after {stall_seconds:.0f}s ({total} bytes drained, no EOF). "
+                "Note: on loopback the kernel alone buffers ~3 MB for a reader that never reads, so a "
+                "server sees no back-pressure for minutes unless it caps SO_SNDBUF on MP3 sockets "
+                "(or drops a listener whose queue lags by more than a few seconds)."
+            )
         finally:
             sock.close()
         cap = await ffmpeg_capture(mp3_url(server, snd.stream_id), 2.0)

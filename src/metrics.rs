@@ -1,0 +1,145 @@
+//! Prometheus metrics: counters the relay, signalling and HTTP code bump, and
+//! gauges read from the registry when `/metrics` is scraped.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub streams: IntGauge,
+    pub senders: IntGauge,
+    pub receivers: IntGauge,
+    pub mp3_listeners: IntGauge,
+    pub websocket_clients: IntGauge,
+    pub rtp_packets_in: IntCounter,
+    pub rtp_bytes_in: IntCounter,
+    pub rtp_packets_out: IntCounter,
+    pub rtp_bytes_out: IntCounter,
+    pub udp_datagrams_sent: IntCounter,
+    pub udp_dropped: IntCounterVec,
+    pub peers_connected: IntCounterVec,
+    pub peers_closed: IntCounterVec,
+    pub handshake_seconds: Histogram,
+    pub offer_answer_seconds: Histogram,
+    pub mp3_listeners_dropped_slow: IntCounter,
+    pub limit_hits: IntCounterVec,
+    pub errors: IntCounterVec,
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let registry = Registry::new_custom(Some("voice_relay".into()), None)?;
+    let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+        let g = IntGauge::new(name, help)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::new(name, help)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let counter_vec =
+        |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+    let histogram =
+        |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+    Ok(Metrics {
+        streams: gauge("streams", "Live streams")?,
+        senders: gauge("senders", "Live senders")?,
+        receivers: gauge("receivers", "WebRTC receiver legs (offered or live)")?,
+        mp3_listeners: gauge("mp3_listeners", "HTTP MP3 listeners")?,
+        websocket_clients: gauge("websocket_clients", "Connected WebSocket clients")?,
+        rtp_packets_in: counter("rtp_packets_in_total", "RTP packets received from senders")?,
+        rtp_bytes_in: counter(
+            "rtp_bytes_in_total",
+            "RTP payload bytes received from senders",
+        )?,
+        rtp_packets_out: counter(
+            "rtp_packets_out_total",
+            "RTP packets forwarded to receivers",
+        )?,
+        rtp_bytes_out: counter(
+            "rtp_bytes_out_total",
+            "RTP payload bytes forwarded to receivers",
+        )?,
+        udp_datagrams_sent: counter("udp_datagrams_sent_total", "UDP datagrams sent")?,
+        udp_dropped: counter_vec(
+            "udp_dropped_total",
+            "UDP datagrams dropped, by reason",
+            "reason",
+        )?,
+        peers_connected: counter_vec(
+            "peers_connected_total",
+            "Peers that completed ICE and DTLS, by role",
+            "role",
+        )?,
+        peers_closed: counter_vec("peers_closed_total", "Peers closed, by reason", "reason")?,
+        handshake_seconds: histogram(
+            "handshake_seconds",
+            "Time from a peer's hand-over to the relay to ICE+DTLS connected",
+            vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        )?,
+        offer_answer_seconds: histogram(
+            "offer_answer_seconds",
+            "Time to answer a sender's webrtc_offer",
+            vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1],
+        )?,
+        mp3_listeners_dropped_slow: counter(
+            "mp3_listeners_dropped_slow_total",
+            "MP3 listeners disconnected for falling behind",
+        )?,
+        limit_hits: counter_vec("limit_hits_total", "Requests refused by a limit", "limit")?,
+        errors: counter_vec(
+            "errors_total",
+            "error messages sent to WebSocket clients, by code",
+            "code",
+        )?,
+        registry,
+    })
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| match build() {
+        Ok(m) => m,
+        // Only reachable through a programming error (duplicate names).
+        Err(e) => panic!("building metrics: {e}"),
+    })
+}
+
+impl Metrics {
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = metrics();
+        m.limit_hits.with_label_values(&["streams"]).inc();
+        m.rtp_packets_in.inc_by(3);
+        let text = m.render();
+        assert!(text.contains("# TYPE voice_relay_rtp_packets_in_total counter"));
+        assert!(text.contains("voice_relay_limit_hits_total{limit=\"streams\"} 1"));
+        assert!(text.contains("voice_relay_handshake_seconds_bucket"));
+    }
+}
