@@ -68,11 +68,11 @@ fi
 
 # --- 3. Rust ---------------------------------------------------------------
 step "cargo fmt --check"
-cargo fmt --check
-step "cargo clippy --release --all-targets -- -D warnings"
-cargo clippy --release --all-targets -- -D warnings
-step "cargo test --release"
-cargo test --release
+cargo fmt --all --check
+step "cargo clippy --release --workspace --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings
+step "cargo test --release --workspace"
+cargo test --release --workspace
 step "cargo build --release"
 cargo build --release
 
