@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(root))
         .route("/ws", get(ws))
         .route("/ca.crt", get(ca_cert))
+        .route("/metrics", get(prometheus_metrics))
         .merge(web::routes())
         .merge(audio_routes())
         .with_state(state)
@@ -59,7 +60,6 @@ fn audio_routes() -> Router<AppState> {
         .route("/health", get(health))
         .route("/stream/status", get(status))
         .route("/stream/{file}", get(mp3_stream))
-        .route("/metrics", get(prometheus_metrics))
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -109,12 +109,16 @@ pub enum ServerMessage {
     },
 }
 
+/// Longest error message sent (they may quote parts of the bad input).
+const MAX_ERROR_CHARS: usize = 300;
+
 impl ServerMessage {
     fn error(code: &'static str, message: impl Into<String>) -> Self {
-        ServerMessage::Error {
-            message: message.into(),
-            code,
+        let mut message: String = message.into();
+        if message.chars().count() > MAX_ERROR_CHARS {
+            message = message.chars().take(MAX_ERROR_CHARS).collect::<String>() + "…";
         }
+        ServerMessage::Error { message, code }
     }
 }
 
@@ -273,25 +277,28 @@ pub async fn serve(socket: WebSocket, ctx: Arc<Signalling>, max_message: usize) 
         tokio::select! {
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(text))) => conn.handle_text(&text),
-                Some(Ok(Message::Binary(_))) => conn.out.push(ServerMessage::error(
+                Some(Ok(Message::Binary(_))) => conn.error(
                     "bad_message",
                     "binary frames are not supported: send JSON text",
-                )),
+                ),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(e)) => {
                     let text = e.to_string();
                     if text.contains("too long") || text.contains("too big") {
                         tracing::info!(conn = %conn.id, error = %text, "oversized message, closing");
-                        let msg = ServerMessage::error(
+                        conn.error(
                             "message_too_large",
                             format!("message too large (the limit is {max_message} bytes); closing the connection"),
                         );
-                        let _ = send(&mut sink, &msg).await;
+                        for msg in conn.out.drain(..) {
+                            let _ = send(&mut sink, &msg).await;
+                        }
                         let _ = sink.send(Message::Close(Some(CloseFrame {
                             code: 1009,
                             reason: Utf8Bytes::from_static("message too big"),
                         }))).await;
+                        linger(&mut stream).await;
                     } else {
                         tracing::debug!(conn = %conn.id, error = %text, "websocket dropped");
                     }
@@ -322,6 +329,27 @@ pub async fn serve(socket: WebSocket, ctx: Arc<Signalling>, max_message: usize) 
     tracing::debug!(conn = %conn.id, "websocket closed");
 }
 
+/// After we close a connection with unread input, read (and discard) what
+/// the client still sends for a moment: closing a socket with unread data
+/// resets it, and the reset can destroy the error and close frames we just
+/// sent before the client reads them.
+async fn linger<S>(stream: &mut S)
+where
+    S: futures_util::Stream + Unpin,
+{
+    let start = tokio::time::Instant::now();
+    let deadline = start + Duration::from_secs(1);
+    for _ in 0..256 {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // The stream may give up at once after a protocol error: still leave the
+    // client a moment to read our frames before the socket closes.
+    tokio::time::sleep_until(deadline.min(start + Duration::from_millis(500))).await;
+}
+
 async fn send<S>(sink: &mut S, msg: &ServerMessage) -> bool
 where
     S: futures_util::Sink<Message> + Unpin,
@@ -343,14 +371,16 @@ impl Connection {
     }
 
     fn error(&mut self, code: &'static str, message: impl Into<String>) {
-        let message = message.into();
+        let msg = ServerMessage::error(code, message);
         let m = metrics();
         m.errors.with_label_values(&[code]).inc();
         if let Some(limit) = code.strip_prefix("limit_") {
             m.limit_hits.with_label_values(&[limit]).inc();
         }
-        tracing::debug!(conn = %self.id, code, %message, "client error");
-        self.out.push(ServerMessage::error(code, message));
+        if let ServerMessage::Error { message, .. } = &msg {
+            tracing::debug!(conn = %self.id, code, %message, "client error");
+        }
+        self.out.push(msg);
     }
 
     fn handle_text(&mut self, text: &str) {
