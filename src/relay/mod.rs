@@ -187,6 +187,7 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
     let fd = socket.as_raw_fd();
     let relay = Relay {
         socket,
+        early_stun: EarlyStun::default(),
         fd,
         out: Outbox::default(),
         timers: BinaryHeap::new(),
@@ -304,6 +305,8 @@ impl Stats {
 
 struct Relay {
     socket: UdpSocket,
+    /// STUN checks that arrived before their peer (bounded, short-lived).
+    early_stun: EarlyStun,
     fd: RawFd,
     /// Datagrams waiting for the next `sendmmsg`.
     out: Outbox,
@@ -469,6 +472,9 @@ impl Relay {
             },
         );
         self.drain_peer(id);
+        for (source, data) in self.early_stun.take(&ufrag_of(&self.peers, id)) {
+            self.handle_datagram(source, &data);
+        }
     }
 
     /// Which peer a datagram from `source` belongs to.
@@ -481,7 +487,13 @@ impl Relay {
         if data.first().is_some_and(|b| *b < 4) {
             let msg = str0m::ice::StunMessage::parse(data).ok()?;
             let (local, _remote) = msg.split_username()?;
-            let id = *self.by_ufrag.get(local)?;
+            let Some(id) = self.by_ufrag.get(local).copied() else {
+                // A browser often checks before its answer has reached us
+                // (it answers and starts ICE at once): keep the check for a
+                // moment and replay it when the peer arrives.
+                self.early_stun.keep(local, source, data);
+                return None;
+            };
             let peer = self.peers.get_mut(&id)?;
             if peer.closing_since.is_none() && peer.addrs.len() < 8 {
                 peer.addrs.push(source);
@@ -504,40 +516,43 @@ impl Relay {
                     continue;
                 }
             };
-            let data = &buf[..n];
-            let Some(id) = self.route(source, data) else {
-                self.stats.unrouted += 1;
-                continue;
-            };
-            let Ok(contents) = data.try_into() else {
-                continue;
-            };
-            let now = Instant::now();
-            let input = Input::Receive(
-                now,
-                Receive {
-                    proto: Protocol::Udp,
-                    source,
-                    destination: self.local_label,
-                    contents,
-                },
-            );
-            let Some(peer) = self.peers.get_mut(&id) else {
-                continue;
-            };
-            if let Err(e) = peer.rtc.handle_input(input) {
-                tracing::debug!(peer = id, error = %e, "peer input error");
-                self.close_peer(id, "peer failed");
-                continue;
-            }
-            self.drain_peer(id);
-            self.out.flush(self.fd);
+            self.handle_datagram(source, &buf[..n]);
         }
         // More may be waiting: make sure we come back without sleeping.
         let _ = self
             .poll
             .registry()
             .reregister(&mut self.socket, SOCKET, Interest::READABLE);
+    }
+
+    /// Hands one datagram to the peer it belongs to.
+    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8]) {
+        let Some(id) = self.route(source, data) else {
+            self.stats.unrouted += 1;
+            return;
+        };
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local_label,
+                contents,
+            },
+        );
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = peer.rtc.handle_input(input) {
+            tracing::debug!(peer = id, error = %e, "peer input error");
+            self.close_peer(id, "peer failed");
+            return;
+        }
+        self.drain_peer(id);
+        self.out.flush(self.fd);
     }
 
     /// Polls one peer until it has nothing more to say, sending what it
@@ -750,6 +765,52 @@ impl Relay {
                 tracing::debug!(peer = id, "peer freed");
             }
         }
+    }
+}
+
+fn ufrag_of(peers: &HashMap<PeerId, Peer>, id: PeerId) -> String {
+    peers.get(&id).map(|p| p.ufrag.clone()).unwrap_or_default()
+}
+
+/// STUN binding requests for ufrags no peer has yet.
+#[derive(Default)]
+struct EarlyStun {
+    items: std::collections::VecDeque<(Instant, String, SocketAddr, Vec<u8>)>,
+}
+
+impl EarlyStun {
+    const MAX: usize = 256;
+    const TTL: Duration = Duration::from_secs(3);
+
+    fn keep(&mut self, ufrag: &str, source: SocketAddr, data: &[u8]) {
+        let now = Instant::now();
+        while self
+            .items
+            .front()
+            .is_some_and(|(t, ..)| now.duration_since(*t) > Self::TTL)
+        {
+            self.items.pop_front();
+        }
+        if self.items.len() < Self::MAX && ufrag.len() <= 256 {
+            self.items
+                .push_back((now, ufrag.to_owned(), source, data.to_vec()));
+        }
+    }
+
+    fn take(&mut self, ufrag: &str) -> Vec<(SocketAddr, Vec<u8>)> {
+        if self.items.is_empty() || ufrag.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        self.items.retain(|(_, u, src, data)| {
+            if u == ufrag {
+                out.push((*src, data.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        out
     }
 }
 
