@@ -28,8 +28,7 @@ pub fn build_lame(config: &Mp3Config) -> Result<Encoder, Mp3Error> {
         .map_err(|e| err("output sample rate", e))?;
     b.set_brate(bitrate).map_err(|e| err("bitrate", e))?;
     b.set_mode(Mode::Mono).map_err(|e| err("mode", e))?;
-    b.set_quality(Quality::Good)
-        .map_err(|e| err("quality", e))?;
+    b.set_quality(Quality::Ok).map_err(|e| err("quality", e))?;
     b.set_to_write_vbr_tag(false)
         .map_err(|e| err("vbr tag", e))?;
     b.build().map_err(|e| err("init params", e))

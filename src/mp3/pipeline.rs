@@ -67,6 +67,6 @@ fn lower_priority() {
     // SAFETY: plain syscalls on the calling thread (Linux: nice is per thread).
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
     }
 }
