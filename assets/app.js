@@ -52,8 +52,16 @@ function buildEndpoints() {
   };
 }
 
-const endpoints = buildEndpoints();
-const mp3Url = (id) => `${endpoints.http}/stream/${encodeURIComponent(id)}.mp3`;
+// ?token=T on the page's URL is passed on to the server (WebSocket and MP3
+// links) when the relay runs with --token / --send-token / --listen-token.
+const tokenParam = params.get("token");
+const withToken = (url) =>
+  tokenParam ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(tokenParam)}` : url;
+const endpoints = (() => {
+  const e = buildEndpoints();
+  return { ws: withToken(e.ws), http: e.http };
+})();
+const mp3Url = (id) => withToken(`${endpoints.http}/stream/${encodeURIComponent(id)}.mp3`);
 
 // ---------------------------------------------------------------------------
 // SDP: prefer Opus with in-band FEC
@@ -905,7 +913,7 @@ function init() {
     healthLink: $("health-link"),
   });
 
-  el.latestLink.href = `${endpoints.http}/stream/latest.mp3`;
+  el.latestLink.href = withToken(`${endpoints.http}/stream/latest.mp3`);
   el.healthLink.href = `${endpoints.http}/health`;
   el.noticeClose.addEventListener("click", clearNotice);
   el.sendBtn.addEventListener("click", () => startSending().catch((e) => {

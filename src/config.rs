@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::access::Access;
+
 /// Real-time voice relay: WebRTC (Opus) in, WebRTC and live MP3 out.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "voice-relay", version, about)]
@@ -73,6 +75,32 @@ pub struct Config {
     /// and /health, for speakers that refuse self-signed HTTPS (e.g. 0.0.0.0:8081).
     #[arg(long, env = "VOICE_RELAY_AUDIO_LISTEN")]
     pub audio_listen: Option<SocketAddr>,
+
+    /// Token that grants everything; clients present it as `?token=` or
+    /// `Authorization: Bearer`. Off by default (home use).
+    #[arg(long, env = "VOICE_RELAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Read --token from this file (first line).
+    #[arg(long, env = "VOICE_RELAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
+    /// Token that grants sending (and listening).
+    #[arg(long, env = "VOICE_RELAY_SEND_TOKEN", hide_env_values = true)]
+    pub send_token: Option<String>,
+
+    /// Token that grants listening (WebRTC receiving, MP3, status).
+    #[arg(long, env = "VOICE_RELAY_LISTEN_TOKEN", hide_env_values = true)]
+    pub listen_token: Option<String>,
+
+    /// Web origin allowed to open the WebSocket, e.g. https://ha.local:8123
+    /// (repeatable). Default: any origin.
+    #[arg(
+        long = "allowed-origin",
+        env = "VOICE_RELAY_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allowed_origin: Vec<String>,
 
     /// Most streams live at once.
     #[arg(long, env = "VOICE_RELAY_MAX_STREAMS", default_value_t = 64)]
@@ -168,6 +196,25 @@ impl Config {
             connections_per_ip: self.max_connections_per_ip,
             messages_per_sec: self.max_messages_per_sec.max(1),
         }
+    }
+
+    /// The access rules (reads --token-file).
+    pub fn access(&self) -> std::io::Result<Access> {
+        let token = match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)?
+                .lines()
+                .next()
+                .map(|l| l.trim().to_owned())
+                .filter(|t| !t.is_empty()),
+            None => self.token.clone(),
+        };
+        let nonempty = |t: &Option<String>| t.clone().filter(|t| !t.is_empty());
+        Ok(Access {
+            token,
+            send_token: nonempty(&self.send_token),
+            listen_token: nonempty(&self.listen_token),
+            allowed_origins: self.allowed_origin.clone(),
+        })
     }
 
     pub fn sender_idle(&self) -> Duration {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::access::Access;
 use crate::metrics::metrics;
 use crate::registry::{Registry, StreamEvent};
 use crate::signalling::{self, Signalling};
@@ -29,6 +30,20 @@ pub struct AppState {
     pub mp3_wait: Duration,
     /// The certificate offered at `/ca.crt` when serving TLS.
     pub ca_pem: Option<Arc<Vec<u8>>>,
+    pub access: Arc<Access>,
+}
+
+fn unauthorized(what: &str) -> Response {
+    metrics()
+        .limit_hits
+        .with_label_values(&["unauthorized"])
+        .inc();
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({ "error": format!("{what} needs a valid token (?token= or Authorization: Bearer)") })),
+    )
+        .into_response()
 }
 
 impl AppState {
@@ -63,7 +78,14 @@ fn audio_routes() -> Router<AppState> {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn prometheus_metrics(State(state): State<AppState>) -> Response {
+async fn prometheus_metrics(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if !state.access.of_request(&uri, &headers).listen {
+        return unauthorized("/metrics");
+    }
     let reg = state.registry();
     let m = metrics();
     m.streams.set(reg.list().len() as i64);
@@ -100,7 +122,12 @@ async fn mp3_stream(
     method: Method,
     Path(file): Path<String>,
     Query(query): Query<StreamQuery>,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Response {
+    if !state.access.of_request(&uri, &headers).listen {
+        return unauthorized("listening");
+    }
     let Some(id) = file.strip_suffix(".mp3") else {
         return not_found(format!(
             "no such resource: /stream/{file} (streams end in .mp3)"
@@ -177,10 +204,12 @@ async fn wait_for_latest(
 async fn root(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => upgrade_ws(state, peer, upgrade),
+        Ok(upgrade) => upgrade_ws(state, peer, &uri, &headers, upgrade),
         Err(_) => web::index().into_response(),
     }
 }
@@ -205,12 +234,36 @@ async fn ca_cert(State(state): State<AppState>) -> Response {
 async fn ws(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade_ws(state, peer, upgrade)
+    upgrade_ws(state, peer, &uri, &headers, upgrade)
 }
 
-fn upgrade_ws(state: AppState, peer: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
+fn upgrade_ws(
+    state: AppState,
+    peer: SocketAddr,
+    uri: &Uri,
+    headers: &HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !state.access.origin_allowed(headers) {
+        tracing::info!(ip = %peer.ip(), "WebSocket refused: origin not allowed");
+        metrics().limit_hits.with_label_values(&["origin"]).inc();
+        return (
+            StatusCode::FORBIDDEN,
+            Json(
+                json!({ "error": "this web origin may not use the relay (see --allowed-origin)" }),
+            ),
+        )
+            .into_response();
+    }
+    let allowed = state.access.of_request(uri, headers);
+    if !allowed.any() {
+        tracing::info!(ip = %peer.ip(), "WebSocket refused: no valid token");
+        return unauthorized("the WebSocket");
+    }
     let max = state.max_message_bytes;
     let ctx = state.signalling.clone();
     let per_ip = ctx.limits.connections_per_ip;
@@ -232,18 +285,22 @@ fn upgrade_ws(state: AppState, peer: SocketAddr, upgrade: WebSocketUpgrade) -> R
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            signalling::serve(socket, ctx, max).await;
+            signalling::serve(socket, ctx, max, allowed).await;
             drop(guard);
         })
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let reg = state.registry();
-    let listeners: serde_json::Map<String, serde_json::Value> = reg
-        .listener_counts()
+/// `{stream_id: mp3 listener count}` for every live stream.
+fn listener_map(reg: &Registry) -> serde_json::Map<String, serde_json::Value> {
+    reg.listener_counts()
         .into_iter()
         .map(|(id, n)| (id.to_string(), json!(n)))
-        .collect();
+        .collect()
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let reg = state.registry();
+    let listeners = listener_map(reg);
     Json(json!({
         "status": "healthy",
         "active_streams": reg.list(),
@@ -256,17 +313,16 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    if !state.access.of_request(&uri, &headers).listen {
+        return unauthorized("/stream/status");
+    }
     let reg = state.registry();
-    let listeners: serde_json::Map<String, serde_json::Value> = reg
-        .listener_counts()
-        .into_iter()
-        .map(|(id, n)| (id.to_string(), json!(n)))
-        .collect();
     Json(json!({
         "active_streams": reg.list(),
-        "mp3_listeners": listeners,
+        "mp3_listeners": listener_map(reg),
     }))
+    .into_response()
 }
 
 /// Send buffer of accepted TCP connections. Small on purpose: a live MP3

@@ -4,6 +4,7 @@
 //! `relay` owns the UDP socket and the peers; `mp3` turns a stream into MP3
 //! frames for HTTP listeners.
 
+pub mod access;
 pub mod config;
 pub mod http;
 pub mod metrics;

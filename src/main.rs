@@ -31,6 +31,12 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     raise_fd_limit();
+    // A panic is logged like any other event; tokio contains one in a
+    // connection's task, the relay contains one to its peer.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(thread = thread.name().unwrap_or("?"), "panic: {info}");
+    }));
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -83,6 +89,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_message_bytes: config.max_message_bytes,
         mp3_wait: Duration::from_millis(config.mp3_wait_ms),
         ca_pem: tls.as_ref().map(|t| Arc::new(t.ca_pem.clone())),
+        access: Arc::new(config.access().context("reading --token-file")?),
     };
 
     let handle = axum_server::Handle::<SocketAddr>::new();

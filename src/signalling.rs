@@ -15,6 +15,7 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, Rtc};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::access::Permissions;
 use crate::config::Limits;
 use crate::metrics::metrics;
 use crate::mp3::{self, Mp3Config};
@@ -196,6 +197,8 @@ struct Connection {
     id: String,
     ctx: Arc<Signalling>,
     role: Role,
+    /// What this connection's token allows.
+    allowed: Permissions,
     rate: RateLimit,
     peer_events: mpsc::UnboundedSender<PeerEvent>,
     out: Vec<ServerMessage>,
@@ -250,7 +253,12 @@ impl RateLimit {
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Serves one WebSocket client until it leaves or the server stops.
-pub async fn serve(socket: WebSocket, ctx: Arc<Signalling>, max_message: usize) {
+pub async fn serve(
+    socket: WebSocket,
+    ctx: Arc<Signalling>,
+    max_message: usize,
+    allowed: Permissions,
+) {
     let n = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let _client = ctx.registry.client_guard();
     let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
@@ -260,6 +268,7 @@ pub async fn serve(socket: WebSocket, ctx: Arc<Signalling>, max_message: usize) 
         id: format!("conn_{n}"),
         ctx,
         role: Role::Idle,
+        allowed,
         rate: RateLimit::new(ctx_rate),
         peer_events: peer_tx,
         out: Vec::new(),
@@ -425,6 +434,9 @@ impl Connection {
     }
 
     fn start_sending(&mut self) {
+        if !self.allowed.send {
+            return self.error("unauthorized", "sending needs a valid send token");
+        }
         self.stop();
         let stream = Registry::new_stream_id();
         self.out.push(ServerMessage::SenderReady {
@@ -504,6 +516,9 @@ impl Connection {
     }
 
     fn start_receiving(&mut self, requested: Option<String>) {
+        if !self.allowed.listen {
+            return self.error("unauthorized", "listening needs a valid token");
+        }
         let registry = self.ctx.registry.clone();
         let target: Arc<str> = match requested.as_deref() {
             Some(id) if !id.is_empty() => match registry.list().into_iter().find(|s| &**s == id) {

@@ -60,6 +60,12 @@
     return `${secure ? "wss" : "ws"}://${host}${path || "/"}`;
   }
 
+  /** Appends the optional `token` config value (relay started with --token). */
+  function withToken(url, token) {
+    if (!token) return url;
+    return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+  }
+
   /** Default MP3 address for speakers: http(s)://<server host>/stream/latest.mp3 */
   function defaultStreamUrl(serverUrl) {
     const { scheme, host } = splitServerUrl(serverUrl);
@@ -422,7 +428,7 @@
 
     setConfig(config) {
       checkConfig(config, ["echo_cancellation", "noise_suppression", "auto_gain_control"],
-        ["server_url", "target_media_player", "stream_url", "title"]);
+        ["server_url", "target_media_player", "stream_url", "title", "token"]);
       if (config.target_media_player && !/^media_player\.[a-z0-9_]+$/i.test(config.target_media_player)) {
         throw new Error("Invalid configuration: target_media_player must be a media_player entity id");
       }
@@ -440,7 +446,7 @@
 
     getCardSize() { return 3; }
 
-    get wsUrl() { return signallingUrl(this._config && this._config.server_url); }
+    get wsUrl() { return withToken(signallingUrl(this._config && this._config.server_url), this._config && this._config.token); }
     get streamUrl() {
       return (this._config && this._config.stream_url) || defaultStreamUrl(this._config && this._config.server_url);
     }
@@ -716,7 +722,7 @@
     }
 
     setConfig(config) {
-      checkConfig(config, ["auto_play"], ["server_url", "title"]);
+      checkConfig(config, ["auto_play"], ["server_url", "title", "token"]);
       const changed = this._config && this._config.server_url !== config.server_url;
       this._config = Object.assign({}, config);
       if (changed && this._sig) {
@@ -731,7 +737,7 @@
 
     getCardSize() { return 4; }
 
-    get wsUrl() { return signallingUrl(this._config && this._config.server_url); }
+    get wsUrl() { return withToken(signallingUrl(this._config && this._config.server_url), this._config && this._config.token); }
 
     connectedCallback() {
       clearTimeout(this._detachTimer);

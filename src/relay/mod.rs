@@ -546,7 +546,10 @@ impl Relay {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        if let Err(e) = peer.rtc.handle_input(input) {
+        let Some(result) = contained(peer, |p| p.rtc.handle_input(input)) else {
+            return;
+        };
+        if let Err(e) = result {
             tracing::debug!(peer = id, error = %e, "peer input error");
             self.close_peer(id, "peer failed");
             return;
@@ -561,7 +564,8 @@ impl Relay {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        drain(peer, self.fd, &mut self.out, &mut self.forward);
+        let (fd, out, forward) = (self.fd, &mut self.out, &mut self.forward);
+        contained(peer, |p| drain(p, fd, out, forward));
         schedule(peer, &mut self.timers);
         if self.forward.is_empty() {
             return;
@@ -608,22 +612,28 @@ impl Relay {
                 continue;
             }
             let (ssrc, pt) = (leg.ssrc, leg.pt);
-            let mut api = peer.rtc.direct_api();
-            let Some(tx) = api.stream_tx(&ssrc) else {
+            let write = RtpWrite::new(
+                pt,
+                (seq_out as u64).into(),
+                pkt.header.timestamp,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(ext.clone());
+            let (fd, out) = (self.fd, &mut self.out);
+            let sent = contained(peer, |p| {
+                let mut api = p.rtc.direct_api();
+                let Some(tx) = api.stream_tx(&ssrc) else {
+                    return false;
+                };
+                tx.write_rtp(write);
+                drain(p, fd, out, &mut Vec::new());
+                true
+            });
+            if sent != Some(true) {
                 continue;
-            };
-            tx.write_rtp(
-                RtpWrite::new(
-                    pt,
-                    (seq_out as u64).into(),
-                    pkt.header.timestamp,
-                    pkt.timestamp,
-                    pkt.payload.clone(),
-                )
-                .marker(pkt.header.marker)
-                .ext_vals(ext.clone()),
-            );
-            drain(peer, self.fd, &mut self.out, &mut Vec::new());
+            }
             schedule(peer, &mut self.timers);
             self.stats.packets_out += 1;
             self.stats.bytes_out += pkt.payload.len() as u64;
@@ -644,7 +654,10 @@ impl Relay {
                 continue; // superseded by an earlier entry
             }
             peer.scheduled = None;
-            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+            let Some(result) = contained(peer, |p| p.rtc.handle_input(Input::Timeout(now))) else {
+                continue;
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = id, error = %e, "peer timeout error");
                 self.close_peer(id, "peer failed");
                 continue;
@@ -695,7 +708,8 @@ impl Relay {
         if peer.rtc.close().is_err() {
             peer.rtc.disconnect();
         }
-        drain(peer, self.fd, &mut self.out, &mut Vec::new());
+        let (fd, out) = (self.fd, &mut self.out);
+        contained(peer, |p| drain(p, fd, out, &mut Vec::new()));
         schedule(peer, &mut self.timers);
         let _ = peer.events.send(PeerEvent::Closed(id, why));
         metrics().peers_closed.with_label_values(&[why]).inc();
@@ -811,6 +825,22 @@ impl EarlyStun {
             }
         });
         out
+    }
+}
+
+/// Runs one call into a peer's str0m state. A panic in it (a bug reached by
+/// some input) is contained to that peer: it is logged and the peer dropped,
+/// while every other peer and stream goes on.
+fn contained<T>(peer: &mut Peer, f: impl FnOnce(&mut Peer) -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *peer))) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            tracing::error!(peer = peer.id, stream = %peer.stream, "panic inside a peer; dropping it");
+            metrics().peers_closed.with_label_values(&["panic"]).inc();
+            peer.rtc.disconnect();
+            peer.next_timeout = Instant::now();
+            None
+        }
     }
 }
 
