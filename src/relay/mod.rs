@@ -255,7 +255,6 @@ struct Peer {
     connected: bool,
     /// `Rtc::close()` was called; the peer is flushing its goodbyes.
     closing_since: Option<Instant>,
-    close_reason: &'static str,
     last_media: Instant,
     addrs: Vec<SocketAddr>,
     ufrag: String,
@@ -448,6 +447,7 @@ impl Relay {
         leg: Option<Leg>,
     ) {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let early = self.early_stun.take(&ufrag);
         let now = Instant::now();
         self.by_ufrag.insert(ufrag.clone(), id);
         tracing::debug!(peer = id, ?role, stream = %stream, "peer added");
@@ -464,7 +464,6 @@ impl Relay {
                 scheduled: None,
                 connected: false,
                 closing_since: None,
-                close_reason: "",
                 last_media: now,
                 addrs: Vec::new(),
                 ufrag,
@@ -472,7 +471,7 @@ impl Relay {
             },
         );
         self.drain_peer(id);
-        for (source, data) in self.early_stun.take(&ufrag_of(&self.peers, id)) {
+        for (source, data) in early {
             self.handle_datagram(source, &data);
         }
     }
@@ -704,7 +703,6 @@ impl Relay {
             return;
         }
         peer.closing_since = Some(Instant::now());
-        peer.close_reason = why;
         if peer.rtc.close().is_err() {
             peer.rtc.disconnect();
         }
@@ -782,10 +780,6 @@ impl Relay {
     }
 }
 
-fn ufrag_of(peers: &HashMap<PeerId, Peer>, id: PeerId) -> String {
-    peers.get(&id).map(|p| p.ufrag.clone()).unwrap_or_default()
-}
-
 /// STUN binding requests for ufrags no peer has yet.
 #[derive(Default)]
 struct EarlyStun {
@@ -815,16 +809,13 @@ impl EarlyStun {
         if self.items.is_empty() || ufrag.is_empty() {
             return Vec::new();
         }
-        let mut out = Vec::new();
-        self.items.retain(|(_, u, src, data)| {
-            if u == ufrag {
-                out.push((*src, data.clone()));
-                false
-            } else {
-                true
-            }
-        });
-        out
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.items)
+            .into_iter()
+            .partition(|(_, u, ..)| u == ufrag);
+        self.items = rest.into();
+        mine.into_iter()
+            .map(|(_, _, src, data)| (src, data))
+            .collect()
     }
 }
 
