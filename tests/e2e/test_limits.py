@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -33,13 +33,11 @@ from clients import (
     health_idle,
     http,
     rtc_config,
-    run,
     wait_until,
 )
 from conftest import _finish
 from relay_server import RelayServer
-
-Body = Callable[[Clients], Awaitable[None]]
+from test_relay import relay  # noqa: F401  (also re-exported to test_access)
 
 # How long the media thread may take to publish its counters (it does so every ~0.5 s).
 PUBLISH = 2.0
@@ -62,16 +60,6 @@ def server(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
 def with_args(*args: str) -> Any:
     """Parametrize the ``server`` fixture with these options."""
     return pytest.mark.parametrize("server", [list(args)], indirect=True, ids=[" ".join(args)])
-
-
-def relay(server: RelayServer, body: Body, timeout: float = 60.0) -> None:
-    async def main() -> None:
-        async with Clients(server.ws, server.http) as c:
-            await body(c)
-            for s in c.signals:
-                s.assert_json_only()
-
-    run(main(), timeout)
 
 
 # ---------------------------------------------------------------------------
