@@ -12,8 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::Config;
-use voice_relay::http::TuneSocket;
-use voice_relay::http::{self, AppState};
+use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
 use voice_relay::mp3::Mp3Config;
 use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig};
@@ -109,7 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => {
             let server = axum_server::from_tcp(main_std)?
-                .acceptor(TuneSocket)
+                .acceptor(Mp3Acceptor::new(state.clone()))
                 .handle(handle.clone());
             servers.spawn(async move { server.serve(main_app).await });
             tracing::info!(listen = %config.listen, "voice relay ready (HTTP + WebSocket)");
@@ -119,7 +118,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let audio_app =
             http::audio_router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let server = axum_server::from_tcp(bind_tcp(addr)?)?
-            .acceptor(TuneSocket)
+            .acceptor(Mp3Acceptor::new(state.clone()))
             .handle(handle.clone());
         servers.spawn(async move { server.serve(audio_app).await });
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
@@ -152,15 +151,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let join = tokio::task::spawn_blocking(move || relay_thread.join());
     let _ = tokio::time::timeout(Duration::from_secs(1), join).await;
+    // Let MP3 writers send their listeners the end of the stream.
+    let _ = tokio::task::spawn_blocking(|| voice_relay::mp3::wait_writers(Duration::from_secs(1)))
+        .await;
     tracing::info!("bye");
     Ok(())
 }
 
+/// Binds a TCP listener with a deep accept queue: thousands of MP3 listeners
+/// may connect at once (a speaker group, a restart), and the default of 128
+/// overflows.
 fn bind_tcp(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding tcp/{addr}"))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    let bind = || -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    bind().with_context(|| format!("binding tcp/{addr}"))
 }
+
+/// Accept queue length (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -1,16 +1,19 @@
 //! Fan-out of one stream's MP3 to many HTTP listeners: owns [`Batcher`]
-//! (whole frames → ~100 ms batches), [`Fanout`] (burst ring + broadcast
-//! channel, updated under one lock so subscribing is atomic) and [`Listener`]
-//! (burst, then live batches, as an HTTP body stream).
+//! (whole frames → ~100 ms batches), [`Fanout`] (a ring of numbered batches
+//! covering the burst and every listener's allowed lag, updated under one
+//! lock so joining is atomic) and [`Listener`] (burst, then live batches, as
+//! an async HTTP body stream). Listeners whose sockets were handed over after
+//! the response head are written by the stream's writer thread
+//! (`writer.rs`) from the same ring.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
-use tokio::sync::broadcast;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::watch;
 
 use super::frames::Mp3Frame;
 use super::Mp3Config;
@@ -19,11 +22,33 @@ use super::Mp3Config;
 pub const BATCH_NS: u64 = 100_000_000;
 
 /// A group of whole MP3 frames, published as one refcounted buffer.
+///
+/// `framed` is the same bytes as one HTTP/1.1 chunk (`{len:x}\r\n` … `\r\n`),
+/// built once and written as is to every chunked listener; `data` is a view
+/// of the MP3 inside it.
 #[derive(Clone, Debug)]
 pub struct Batch {
     pub data: Bytes,
+    pub framed: Bytes,
     pub frames: u32,
     pub duration_ns: u64,
+}
+
+impl Batch {
+    pub fn new(data: &[u8], frames: u32, duration_ns: u64) -> Self {
+        let head = format!("{:x}\r\n", data.len());
+        let mut framed = BytesMut::with_capacity(head.len() + data.len() + 2);
+        framed.extend_from_slice(head.as_bytes());
+        framed.extend_from_slice(data);
+        framed.extend_from_slice(b"\r\n");
+        let framed = framed.freeze();
+        Self {
+            data: framed.slice(head.len()..head.len() + data.len()),
+            framed,
+            frames,
+            duration_ns,
+        }
+    }
 }
 
 /// Groups whole frames until at least [`BATCH_NS`] of audio is pending.
@@ -49,11 +74,8 @@ impl Batcher {
     }
 
     fn take(&mut self) -> Batch {
-        let batch = Batch {
-            data: self.buf.split().freeze(),
-            frames: self.frames,
-            duration_ns: self.duration_ns,
-        };
+        let batch = Batch::new(&self.buf, self.frames, self.duration_ns);
+        self.buf.clear();
         self.frames = 0;
         self.duration_ns = 0;
         batch
@@ -75,15 +97,15 @@ pub fn coalesce(batches: Vec<Batch>, max_groups: usize) -> Vec<Batch> {
     batches
         .chunks(per_group)
         .map(|group| {
-            let mut data = BytesMut::with_capacity(group.iter().map(|b| b.data.len()).sum());
+            let mut data = Vec::with_capacity(group.iter().map(|b| b.data.len()).sum());
             for b in group {
                 data.extend_from_slice(&b.data);
             }
-            Batch {
-                data: data.freeze(),
-                frames: group.iter().map(|b| b.frames).sum(),
-                duration_ns: group.iter().map(|b| b.duration_ns).sum(),
-            }
+            Batch::new(
+                &data,
+                group.iter().map(|b| b.frames).sum(),
+                group.iter().map(|b| b.duration_ns).sum(),
+            )
         })
         .collect()
 }
@@ -143,20 +165,60 @@ pub(crate) fn bump(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
 
-struct Shared {
-    /// Most recent batches covering at least `burst_ns` (when available).
-    ring: VecDeque<Batch>,
+/// Everything behind the [`Fanout`] lock.
+pub(super) struct Shared {
+    /// Recent batches, oldest first: at least the burst window plus
+    /// `queue_batches + 1` more, so a listener that lags by up to its limit
+    /// still finds the batch it needs.
+    pub(super) ring: VecDeque<Batch>,
+    /// Sequence number of `ring[0]`.
+    pub(super) first_seq: u64,
+    /// Audio in the ring.
     ring_ns: u64,
-    /// `None` once closed: receivers drain what is queued, then end.
-    tx: Option<broadcast::Sender<Bytes>>,
+    /// Set by [`Fanout::close`]: listeners get what is in the ring, then end.
+    pub(super) closed: bool,
+    /// Sockets handed over, not yet taken by the writer thread.
+    pub(super) incoming: Vec<Slot>,
+    /// Whether the writer thread is running.
+    pub(super) writer_running: bool,
+}
+
+impl Shared {
+    /// Sequence number the next published batch gets.
+    pub(super) fn end_seq(&self) -> u64 {
+        self.first_seq + self.ring.len() as u64
+    }
+
+    /// Batches (from the newest back) that make up the burst.
+    fn burst_len(&self, burst_ns: u64) -> usize {
+        let mut ns = 0;
+        let mut n = 0;
+        for b in self.ring.iter().rev() {
+            if ns >= burst_ns {
+                break;
+            }
+            ns += b.duration_ns;
+            n += 1;
+        }
+        n
+    }
+
+    /// Sequence number of the first batch of the burst.
+    fn burst_start(&self, burst_ns: u64) -> u64 {
+        self.end_seq() - self.burst_len(burst_ns) as u64
+    }
 }
 
 /// One stream's MP3 distribution point. Created by [`super::start`].
 pub struct Fanout {
     stream_id: String,
     burst_ns: u64,
-    queue_batches: usize,
+    pub(super) queue_batches: usize,
     shared: Mutex<Shared>,
+    /// Wakes the writer thread: a new batch, a new socket, or the end.
+    pub(super) wake: Condvar,
+    /// Tells async listeners that the ring moved on (value: `end_seq`).
+    published: watch::Sender<u64>,
     listeners: AtomicUsize,
     frames_published: AtomicU64,
     closed: AtomicBool,
@@ -176,17 +238,20 @@ impl std::fmt::Debug for Fanout {
 
 impl Fanout {
     pub(crate) fn new(stream_id: &str, config: &Mp3Config, stats: Arc<Stats>) -> Arc<Self> {
-        let queue_batches = config.listener_queue_batches.max(1);
-        let (tx, _) = broadcast::channel(queue_batches);
         Arc::new(Self {
             stream_id: stream_id.to_owned(),
             burst_ns: u64::from(config.burst_ms) * 1_000_000,
-            queue_batches,
+            queue_batches: config.listener_queue_batches.max(1),
             shared: Mutex::new(Shared {
                 ring: VecDeque::new(),
+                first_seq: 0,
                 ring_ns: 0,
-                tx: Some(tx),
+                closed: false,
+                incoming: Vec::new(),
+                writer_running: false,
             }),
+            wake: Condvar::new(),
+            published: watch::Sender::new(0),
             listeners: AtomicUsize::new(0),
             frames_published: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -194,7 +259,7 @@ impl Fanout {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panic while holding the lock cannot leave `Shared` inconsistent
         // in a way that matters more than losing the stream; keep serving.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
@@ -205,23 +270,27 @@ impl Fanout {
         (self.queue_batches / 4).clamp(1, 8)
     }
 
-    /// Publishes one batch to the burst ring and all live listeners.
+    /// Publishes one batch to the ring and so to every listener.
     pub(crate) fn publish(&self, batch: Batch) {
         let frames = u64::from(batch.frames);
         let mut s = self.lock();
-        let Some(tx) = s.tx.clone() else { return };
-        s.ring_ns += batch.duration_ns;
-        s.ring.push_back(batch.clone());
-        while let Some(front) = s.ring.front() {
-            if s.ring_ns - front.duration_ns < self.burst_ns {
-                break;
-            }
-            s.ring_ns -= front.duration_ns;
-            s.ring.pop_front();
+        if s.closed {
+            return;
         }
-        // Err only means "no listener right now".
-        let _ = tx.send(batch.data);
+        s.ring_ns += batch.duration_ns;
+        s.ring.push_back(batch);
+        let keep = s.burst_len(self.burst_ns) + self.queue_batches + 1;
+        while s.ring.len() > keep {
+            if let Some(front) = s.ring.pop_front() {
+                s.ring_ns -= front.duration_ns;
+                s.first_seq += 1;
+            }
+        }
+        let end = s.end_seq();
+        drop(s);
         self.frames_published.fetch_add(frames, Ordering::Relaxed);
+        self.wake.notify_all();
+        self.published.send_replace(end);
     }
 
     /// Ends the stream: listeners get what is queued, then their bodies end.
@@ -229,25 +298,75 @@ impl Fanout {
         let mut s = self.lock();
         // Flag first: a listener that sees its body end also sees is_closed().
         self.closed.store(true, Ordering::Release);
-        s.tx = None;
+        s.closed = true;
+        let end = s.end_seq();
+        drop(s);
+        self.wake.notify_all();
+        self.published.send_replace(end);
     }
 
-    /// A new listener: the burst and the live receiver, taken atomically.
+    /// A new async listener: the burst and its place in the ring, taken
+    /// atomically.
     pub fn subscribe(self: &Arc<Self>) -> Listener {
         let s = self.lock();
-        let total: usize = s.ring.iter().map(|b| b.data.len()).sum();
-        let mut burst = BytesMut::with_capacity(total);
-        for b in &s.ring {
+        let start = s.burst_start(self.burst_ns);
+        let mut burst = BytesMut::new();
+        for b in s.ring.range((start - s.first_seq) as usize..) {
             burst.extend_from_slice(&b.data);
         }
-        let rx = s.tx.as_ref().map(broadcast::Sender::subscribe);
+        let next = s.end_seq();
+        let rx = self.published.subscribe();
         self.listeners.fetch_add(1, Ordering::Relaxed);
         drop(s);
         Listener {
             burst: burst.freeze(),
+            next,
             rx,
             guard: ListenerGuard(Arc::clone(self)),
         }
+    }
+
+    /// Hands a listener's socket (its response head already sent) to the
+    /// stream's writer thread, which writes the burst, then live batches,
+    /// and closes it at the end of the stream.
+    pub fn attach(
+        self: &Arc<Self>,
+        socket: std::net::TcpStream,
+        peer: std::net::SocketAddr,
+        chunked: bool,
+    ) -> io::Result<()> {
+        socket.set_nonblocking(true)?;
+        let mut s = self.lock();
+        let start = s.burst_start(self.burst_ns);
+        let allowance = (s.end_seq() - start) as usize + self.queue_batches;
+        s.incoming.push(Slot {
+            socket,
+            peer,
+            next: start,
+            offset: 0,
+            allowance: u32::try_from(allowance).unwrap_or(u32::MAX),
+            chunked,
+        });
+        if !s.writer_running {
+            let fanout = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mp3w-{}", self.stream_id))
+                .spawn(move || super::writer::run(fanout));
+            if let Err(err) = spawned {
+                s.incoming.pop();
+                return Err(err);
+            }
+            s.writer_running = true;
+        }
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        drop(s);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// One listener (of either kind) has gone.
+    pub(super) fn listener_left(&self) {
+        self.listeners.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn listener_count(&self) -> usize {
@@ -270,35 +389,59 @@ impl Fanout {
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
+
+    /// Counts and logs a listener cut for lagging by `lagged` batches.
+    pub(super) fn dropped_slow(&self, lagged: u64) {
+        bump(&self.stats.listeners_dropped_slow, 1);
+        crate::metrics::metrics().mp3_listeners_dropped_slow.inc();
+        tracing::warn!(
+            stream_id = %self.stream_id,
+            lagged_batches = lagged,
+            "mp3 listener too slow, dropping"
+        );
+    }
+}
+
+/// A listener socket owned by the writer thread: a few dozen bytes.
+pub(super) struct Slot {
+    pub(super) socket: std::net::TcpStream,
+    pub(super) peer: std::net::SocketAddr,
+    /// Sequence number of the batch being written.
+    pub(super) next: u64,
+    /// Bytes of that batch already written.
+    pub(super) offset: u32,
+    /// Batches this listener may be behind before it is cut (its burst
+    /// plus `queue_batches`).
+    pub(super) allowance: u32,
+    /// HTTP/1.1 chunked body (else HTTP/1.0, ended by closing).
+    pub(super) chunked: bool,
 }
 
 struct ListenerGuard(Arc<Fanout>);
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        self.0.listeners.fetch_sub(1, Ordering::Relaxed);
+        self.0.listener_left();
     }
 }
 
-/// One HTTP listener of a [`Fanout`]. Counts in `listener_count` until dropped
+/// One async HTTP listener of a [`Fanout`] (used where the socket cannot be
+/// handed over, e.g. behind TLS). Counts in `listener_count` until dropped
 /// (or until the stream from [`into_stream`](Self::into_stream) is dropped).
 pub struct Listener {
     burst: Bytes,
-    rx: Option<broadcast::Receiver<Bytes>>,
+    /// Sequence number of the next live batch.
+    next: u64,
+    rx: watch::Receiver<u64>,
     guard: ListenerGuard,
 }
 
-enum Phase {
-    Burst,
-    Live,
-    Done,
-}
-
-struct BodyState {
-    phase: Phase,
-    burst: Bytes,
-    rx: Option<broadcast::Receiver<Bytes>>,
-    guard: ListenerGuard,
+/// What an async listener does next.
+enum Step {
+    Send(Bytes),
+    Wait,
+    End,
+    Lagged(u64),
 }
 
 impl Listener {
@@ -307,57 +450,54 @@ impl Listener {
         &self.burst
     }
 
+    fn step(&mut self) -> Step {
+        let fanout = &self.guard.0;
+        let s = fanout.lock();
+        let end = s.end_seq();
+        if self.next < s.first_seq || end - self.next > fanout.queue_batches as u64 {
+            return Step::Lagged(end.saturating_sub(self.next));
+        }
+        if self.next < end {
+            let batch = &s.ring[(self.next - s.first_seq) as usize];
+            self.next += 1;
+            return Step::Send(batch.data.clone());
+        }
+        if s.closed {
+            Step::End
+        } else {
+            Step::Wait
+        }
+    }
+
     /// The HTTP body: burst, then live batches; ends after the stream ends;
     /// yields one `Err` (ending the response) if this listener lags by more
     /// than `listener_queue_batches`.
-    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
-        let state = BodyState {
-            phase: Phase::Burst,
-            burst: self.burst,
-            rx: self.rx,
-            guard: self.guard,
-        };
-        futures_util::stream::unfold(state, |mut st| async move {
+    pub fn into_stream(mut self) -> impl Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
+        let burst = std::mem::take(&mut self.burst);
+        let first = (!burst.is_empty()).then_some(Ok(burst));
+        let live = futures_util::stream::unfold(Some(self), |state| async move {
+            let mut me = state?;
             loop {
-                match st.phase {
-                    Phase::Burst => {
-                        st.phase = Phase::Live;
-                        if !st.burst.is_empty() {
-                            let burst = std::mem::take(&mut st.burst);
-                            return Some((Ok(burst), st));
+                // Mark the current value seen before looking, so a publish
+                // in between wakes `changed` below.
+                me.rx.borrow_and_update();
+                match me.step() {
+                    Step::Send(data) => return Some((Ok(data), Some(me))),
+                    Step::End => return None,
+                    Step::Lagged(n) => {
+                        me.guard.0.dropped_slow(n);
+                        let err = io::Error::other("mp3 listener too slow");
+                        return Some((Err(err), None));
+                    }
+                    Step::Wait => {
+                        if me.rx.changed().await.is_err() {
+                            return None;
                         }
                     }
-                    Phase::Live => {
-                        let rx = st.rx.as_mut()?;
-                        let lagged = match rx.recv().await {
-                            Ok(data) => {
-                                // Unread batches including this one.
-                                let backlog = rx.len() + 1;
-                                if backlog <= st.guard.0.queue_batches {
-                                    return Some((Ok(data), st));
-                                }
-                                backlog as u64
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return None,
-                            Err(broadcast::error::RecvError::Lagged(n)) => n,
-                        };
-                        st.phase = Phase::Done;
-                        st.rx = None;
-                        let fanout = &st.guard.0;
-                        bump(&fanout.stats.listeners_dropped_slow, 1);
-                        crate::metrics::metrics().mp3_listeners_dropped_slow.inc();
-                        tracing::warn!(
-                            stream_id = %fanout.stream_id,
-                            lagged_batches = lagged,
-                            "mp3 listener too slow, dropping"
-                        );
-                        let err = io::Error::other("mp3 listener too slow");
-                        return Some((Err(err), st));
-                    }
-                    Phase::Done => return None,
                 }
             }
-        })
+        });
+        futures_util::stream::iter(first).chain(live)
     }
 }
 
@@ -379,13 +519,9 @@ mod tests {
 
     /// A numbered batch: its first payload byte after the header is `n`.
     fn batch(n: u8) -> Batch {
-        let mut data = BytesMut::from(&frame().data[..]);
+        let mut data = frame().data.to_vec();
         data[4] = n;
-        Batch {
-            data: data.freeze(),
-            frames: 1,
-            duration_ns: 24_000_000,
-        }
+        Batch::new(&data, 1, 24_000_000)
     }
 
     fn config(queue: usize, burst_ms: u32) -> Mp3Config {

@@ -4,7 +4,9 @@
 //!
 //! Per stream there is exactly one `mp3-<stream_id>` thread that decodes Opus
 //! once and encodes MP3 once (`pipeline.rs`); its output is shared by every
-//! listener through [`Fanout`] as refcounted ~100 ms batches.
+//! listener through [`Fanout`] as refcounted ~100 ms batches. Listener
+//! sockets handed over after their response head are written by one
+//! `mp3w-<stream_id>` thread per stream (`writer.rs`).
 
 pub mod decode;
 pub mod encode;
@@ -12,11 +14,13 @@ pub mod fanout;
 pub mod frames;
 pub mod gap;
 mod pipeline;
+mod writer;
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{mpsc, Arc};
 
 pub use fanout::{Fanout, Listener, StatsSnapshot};
+pub use writer::wait_idle as wait_writers;
 
 use fanout::{bump, Stats};
 

@@ -1,5 +1,11 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
-//! `/stream/status`, the live MP3 streams, and the web assets.
+//! `/stream/status`, the live MP3 streams, and the web assets. On plain-HTTP
+//! listeners, live MP3 requests are taken over earlier, in the accept hook
+//! (`mp3_direct.rs`); the route here serves them behind TLS and for `HEAD`.
+
+mod mp3_direct;
+
+pub use mp3_direct::Mp3Acceptor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,17 +39,58 @@ pub struct AppState {
     pub access: Arc<Access>,
 }
 
-fn unauthorized(what: &str) -> Response {
+/// Why a request is refused: status, a JSON `error` message, and maybe one
+/// extra header.
+pub(crate) struct Refusal {
+    status: StatusCode,
+    message: String,
+    header: Option<(header::HeaderName, &'static str)>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            header: None,
+        }
+    }
+
+    fn body(&self) -> String {
+        json!({ "error": self.message }).to_string()
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some((name, value)) = self.header {
+            response
+                .headers_mut()
+                .insert(name, header::HeaderValue::from_static(value));
+        }
+        response
+    }
+}
+
+fn unauthorized(what: &str) -> Refusal {
     metrics()
         .limit_hits
         .with_label_values(&["unauthorized"])
         .inc();
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        Json(json!({ "error": format!("{what} needs a valid token (?token= or Authorization: Bearer)") })),
-    )
-        .into_response()
+    Refusal {
+        header: Some((header::WWW_AUTHENTICATE, "Bearer")),
+        ..Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            format!("{what} needs a valid token (?token= or Authorization: Bearer)"),
+        )
+    }
 }
 
 impl AppState {
@@ -84,7 +131,7 @@ async fn prometheus_metrics(
     headers: HeaderMap,
 ) -> Response {
     if !state.access.of_request(&uri, &headers).listen {
-        return unauthorized("/metrics");
+        return unauthorized("/metrics").into_response();
     }
     let reg = state.registry();
     let m = metrics();
@@ -116,21 +163,28 @@ fn not_found(message: String) -> Response {
     (StatusCode::NOT_FOUND, Json(json!({ "error": message }))).into_response()
 }
 
-/// `GET /stream/{id}.mp3` and `/stream/latest.mp3`: an endless live MP3 body.
-async fn mp3_stream(
-    State(state): State<AppState>,
-    method: Method,
-    Path(file): Path<String>,
-    Query(query): Query<StreamQuery>,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    if !state.access.of_request(&uri, &headers).listen {
-        return unauthorized("listening");
+/// Resolves a request for `/stream/{file}` to a live stream (waiting for
+/// `latest`), checking access and, when `join` is set, the listener limits.
+pub(crate) async fn find_mp3_stream(
+    state: &AppState,
+    file: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    join: bool,
+) -> Result<(Arc<str>, Arc<crate::mp3::Fanout>), Refusal> {
+    if !state.access.of_request(uri, headers).listen {
+        return Err(unauthorized("listening"));
     }
     let Some(id) = file.strip_suffix(".mp3") else {
-        return not_found(format!(
-            "no such resource: /stream/{file} (streams end in .mp3)"
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("no such resource: /stream/{file} (streams end in .mp3)"),
+        ));
+    };
+    let Ok(Query(query)) = Query::<StreamQuery>::try_from_uri(uri) else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid query (expected ?wait=SECONDS)",
         ));
     };
     let registry = state.registry();
@@ -145,36 +199,64 @@ async fn mp3_stream(
         registry.fanout(Some(id))
     };
     let Some((stream_id, fanout)) = found else {
-        return if id == "latest" {
-            not_found("no stream is live".into())
+        let message = if id == "latest" {
+            "no stream is live".to_owned()
         } else {
-            not_found(format!("no such stream: {id}"))
+            format!("no such stream: {id}")
         };
+        return Err(Refusal::new(StatusCode::NOT_FOUND, message));
     };
-    let headers = [
-        (header::CONTENT_TYPE, "audio/mpeg"),
-        (header::CACHE_CONTROL, "no-cache, no-store"),
-        (header::HeaderName::from_static("x-stream-id"), &*stream_id),
-    ];
-    if method == Method::HEAD {
-        return (headers, Body::empty()).into_response();
-    }
     let limits = &state.signalling.limits;
-    if fanout.listener_count() >= limits.listeners_per_stream
-        || registry.total_listeners() >= limits.listeners
+    if join
+        && (fanout.listener_count() >= limits.listeners_per_stream
+            || registry.total_listeners() >= limits.listeners)
     {
         tracing::info!(stream = %stream_id, "mp3 listener refused: limit reached");
         metrics().limit_hits.with_label_values(&["listeners"]).inc();
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "10")],
-            Json(json!({ "error": "too many listeners, try again later" })),
-        )
-            .into_response();
+        return Err(Refusal {
+            header: Some((header::RETRY_AFTER, "10")),
+            ..Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many listeners, try again later",
+            )
+        });
     }
-    let listener = fanout.subscribe();
-    tracing::info!(stream = %stream_id, listeners = fanout.listener_count(), "mp3 listener joined");
-    (headers, Body::from_stream(listener.into_stream())).into_response()
+    Ok((stream_id, fanout))
+}
+
+/// `GET /stream/{id}.mp3` and `/stream/latest.mp3`: an endless live MP3 body.
+async fn mp3_stream(
+    State(state): State<AppState>,
+    method: Method,
+    Path(file): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let join = method != Method::HEAD;
+    let (stream_id, fanout) = match find_mp3_stream(&state, &file, &uri, &headers, join).await {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let mut response = if join {
+        let listener = fanout.subscribe();
+        tracing::info!(stream = %stream_id, listeners = fanout.listener_count(), "mp3 listener joined");
+        Body::from_stream(listener.into_stream()).into_response()
+    } else {
+        Body::empty().into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("audio/mpeg"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache, no-store"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&stream_id) {
+        h.insert(header::HeaderName::from_static("x-stream-id"), v);
+    }
+    response
 }
 
 /// The newest stream, waiting up to `wait` for one to start.
@@ -262,7 +344,7 @@ fn upgrade_ws(
     let allowed = state.access.of_request(uri, headers);
     if !allowed.any() {
         tracing::info!(ip = %peer.ip(), "WebSocket refused: no valid token");
-        return unauthorized("the WebSocket");
+        return unauthorized("the WebSocket").into_response();
     }
     let max = state.max_message_bytes;
     let ctx = state.signalling.clone();
@@ -315,7 +397,7 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     if !state.access.of_request(&uri, &headers).listen {
-        return unauthorized("/stream/status");
+        return unauthorized("/stream/status").into_response();
     }
     let reg = state.registry();
     Json(json!({
@@ -341,9 +423,13 @@ impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for TuneSocket {
     type Future = std::future::Ready<std::io::Result<(Self::Stream, Self::Service)>>;
 
     fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
-        let sock = socket2::SockRef::from(&stream);
-        let _ = sock.set_send_buffer_size(TCP_SEND_BUFFER);
-        let _ = stream.set_nodelay(true);
+        tune(&stream);
         std::future::ready(Ok((stream, service)))
     }
+}
+
+/// Our socket options for an accepted connection.
+fn tune(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_send_buffer_size(TCP_SEND_BUFFER);
+    let _ = stream.set_nodelay(true);
 }
