@@ -50,7 +50,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mp3 = Mp3Config {
         bitrate_kbps: config.mp3_bitrate,
         burst_ms: config.mp3_burst_ms,
-        listener_queue_batches: 32,
+        listener_queue_batches: 16,
     };
     mp3.validate().context("invalid MP3 settings")?;
     let rtc_bind = config.rtc_bind();

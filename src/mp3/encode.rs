@@ -1,7 +1,7 @@
 //! MP3 side of the pipeline: owns the single LAME encoder of a stream (mono,
 //! 48 kHz in/out, CBR, no Xing/LAME tag, no ID3), the [`FrameSplitter`] that
 //! re-frames LAME's output, and the [`Batcher`] that groups frames into
-//! ~100 ms batches for publishing.
+//! ~200 ms batches for publishing.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl Mp3Encode {
         })
     }
 
-    /// Encodes PCM, calling `publish` for every completed ~100 ms batch.
+    /// Encodes PCM, calling `publish` for every completed ~200 ms batch.
     pub fn encode(&mut self, pcm: &[i16], publish: &mut dyn FnMut(Batch)) {
         for chunk in pcm.chunks(ENCODE_CHUNK) {
             self.out.clear();

@@ -1,5 +1,5 @@
 //! Fan-out of one stream's MP3 to many HTTP listeners: owns [`Batcher`]
-//! (whole frames → ~100 ms batches), [`Fanout`] (a ring of numbered batches
+//! (whole frames → ~200 ms batches), [`Fanout`] (a ring of numbered batches
 //! covering the burst and every listener's allowed lag, updated under one
 //! lock so joining is atomic) and [`Listener`] (burst, then live batches, as
 //! an async HTTP body stream). Listeners whose sockets were handed over after
@@ -18,8 +18,11 @@ use tokio::sync::watch;
 use super::frames::Mp3Frame;
 use super::Mp3Config;
 
-/// Target audio duration of one published batch.
-pub const BATCH_NS: u64 = 100_000_000;
+/// Target audio duration of one published batch. Each batch is one write
+/// per listener; on loopback most of a write's cost is per write (waking the
+/// reader), so 200 ms batches cost less than 100 ms ones (measured in
+/// `docs/benchmarks.md`) while keeping gaps far below what players buffer.
+pub const BATCH_NS: u64 = 200_000_000;
 
 /// A group of whole MP3 frames, published as one refcounted buffer.
 ///
@@ -60,7 +63,7 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Adds a frame; returns a batch once ≥ 100 ms is pending.
+    /// Adds a frame; returns a batch once ≥ 200 ms is pending.
     pub fn push(&mut self, frame: &Mp3Frame) -> Option<Batch> {
         self.buf.extend_from_slice(&frame.data);
         self.frames += 1;
@@ -533,7 +536,7 @@ mod tests {
     }
 
     #[test]
-    fn batcher_groups_100ms() {
+    fn batcher_groups_200ms() {
         let mut b = Batcher::default();
         let f = frame();
         let mut out = Vec::new();
@@ -542,12 +545,8 @@ mod tests {
         }
         out.extend(b.flush());
         let frames: Vec<u32> = out.iter().map(|b| b.frames).collect();
-        assert_eq!(
-            frames,
-            vec![5, 5, 2],
-            "5 × 24 ms ≥ 100 ms, remainder at flush"
-        );
-        assert_eq!(out[0].data.len(), 5 * 384);
+        assert_eq!(frames, vec![9, 3], "9 × 24 ms ≥ 200 ms, remainder at flush");
+        assert_eq!(out[0].data.len(), 9 * 384);
         assert!(b.flush().is_none());
     }
 

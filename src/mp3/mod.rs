@@ -4,7 +4,7 @@
 //!
 //! Per stream there is exactly one `mp3-<stream_id>` thread that decodes Opus
 //! once and encodes MP3 once (`pipeline.rs`); its output is shared by every
-//! listener through [`Fanout`] as refcounted ~100 ms batches. Listener
+//! listener through [`Fanout`] as refcounted ~200 ms batches. Listener
 //! sockets handed over after their response head are written by one
 //! `mp3w-<stream_id>` thread per stream (`writer.rs`).
 
@@ -51,7 +51,7 @@ pub struct Mp3Config {
     pub bitrate_kbps: u32,
     /// How much recent audio a new listener gets immediately.
     pub burst_ms: u32,
-    /// Max batches (~100 ms each) a listener may lag before it is dropped.
+    /// Max batches (~200 ms each) a listener may lag before it is dropped.
     pub listener_queue_batches: usize,
 }
 
@@ -60,7 +60,7 @@ impl Default for Mp3Config {
         Self {
             bitrate_kbps: 128,
             burst_ms: 1000,
-            listener_queue_batches: 32,
+            listener_queue_batches: 16,
         }
     }
 }

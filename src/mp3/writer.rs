@@ -5,7 +5,7 @@
 //! allowance); the bytes are the refcounted batches every listener shares.
 //!
 //! A socket that cannot take more is simply retried on the next wake-up (the
-//! next batch, ~100 ms later); one that falls further behind than its
+//! next batch, ~200 ms later); one that falls further behind than its
 //! allowance is cut. When the stream ends, what is queued is written, a
 //! chunked body gets its last chunk, and the sockets are closed.
 

@@ -231,6 +231,56 @@ def test_mp3_body_ends_when_stream_stops(server: RelayServer) -> None:
     relay(server, body, 90)
 
 
+MPEG1_L3_KBPS = [0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320]
+MPEG1_RATES = [44100, 48000, 32000]
+
+
+def count_whole_frames(data: bytes) -> int:
+    """Walks MPEG-1 Layer III frame headers from byte 0; the data must end on a frame boundary."""
+    i, frames = 0, 0
+    while i < len(data):
+        h = data[i: i + 4]
+        assert len(h) == 4 and h[0] == 0xFF and h[1] & 0xFE == 0xFA, f"no frame header at byte {i}: {h!r}"
+        kbps, rate, pad = MPEG1_L3_KBPS[h[2] >> 4], MPEG1_RATES[(h[2] >> 2) & 3], (h[2] >> 1) & 1
+        i += 144000 * kbps // rate + pad
+        frames += 1
+    assert i == len(data), f"last frame cut: {i - len(data)} bytes missing"
+    return frames
+
+
+def test_mp3_body_framing_http11_and_http10(server: RelayServer) -> None:
+    """HTTP/1.1 listeners get a chunked body that ends with the last chunk when the stream
+    stops; HTTP/1.0 listeners get the bare MP3, ended by closing. Both hold whole frames."""
+
+    async def body(c: Clients) -> None:
+        snd = await c.sender(440)
+        conns = []
+        for version in ("1.1", "1.0"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET /stream/{snd.stream_id}.mp3 HTTP/{version}\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            await writer.drain()
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1").lower()
+            conns.append((version, reader, writer, head))
+        await asyncio.sleep(2.0)
+        await snd.stop_stream()
+        for version, reader, writer, head in conns:
+            rest = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+            writer.close()
+            assert head.startswith(f"http/{version} 200"), head
+            assert "content-length" not in head, head
+            if version == "1.1":
+                assert "transfer-encoding: chunked" in head, head
+                assert rest.endswith(b"\r\n0\r\n\r\n"), f"no last chunk: {rest[-16:]!r}"
+                data = _dechunk_prefix(rest, {"transfer-encoding": "chunked"})
+            else:
+                assert "transfer-encoding" not in head, head
+                data = rest
+            frames = count_whole_frames(data)
+            assert frames * 0.024 >= 1.5, f"HTTP/{version}: only {frames} frames"
+
+    relay(server, body)
+
+
 def test_mp3_not_found(server: RelayServer) -> None:
     async def body(c: Clients) -> None:
         r = await http("GET", server.http + "/stream/stream_nope.mp3", timeout=5)

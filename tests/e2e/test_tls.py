@@ -223,6 +223,11 @@ def test_tls_self_signed_end_to_end(server: TlsRelay, data_dir: Path) -> None:
             tail = samples[-48000:]
             assert rms(tail) > 300 and abs(dominant_frequency(tail) - 440) <= 15, dominant_frequency(tail)
             assert tone_purity(tail, 440) >= 0.7
+            # MP3 behind TLS on the main port (served by the router, not handed over).
+            samples, err = await ffmpeg_decode(f"{server.https}/stream/{sid}.mp3", 2.5)
+            assert len(samples) >= 1.5 * 48000, f"https: only {len(samples) / 48000:.2f}s decoded; ffmpeg: {err[-400:]}"
+            tail = samples[-48000:]
+            assert abs(dominant_frequency(tail) - 440) <= 15 and tone_purity(tail, 440) >= 0.7
             st = await get(server.audio + "/stream/status")
             assert st.status == 200 and st.json().get("active_streams") == [sid], st.body[:200]
             h = await get(server.audio + "/health")
