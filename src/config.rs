@@ -41,6 +41,11 @@ pub struct Config {
     #[arg(long, env = "VOICE_RELAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 15)]
     pub handshake_timeout_secs: u64,
 
+    /// Threads that forward one packet of a stream with many receivers
+    /// (at least 256 per thread); 0 = one per CPU core, at most 4.
+    #[arg(long, env = "VOICE_RELAY_FORWARD_THREADS", default_value_t = 0)]
+    pub forward_threads: usize,
+
     /// Largest WebSocket message accepted from a client, in bytes.
     #[arg(long, env = "VOICE_RELAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,

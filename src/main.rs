@@ -64,6 +64,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         announce,
         sender_idle: config.sender_idle(),
         handshake_timeout: config.handshake_timeout(),
+        forward_threads: config.forward_threads,
     })
     .with_context(|| format!("binding the media socket udp/{rtc_bind}"))?;
 

@@ -476,7 +476,7 @@ impl Connection {
             Err(e) => return self.error("bad_sdp", format!("invalid SDP offer: {e}")),
         };
         let relay = &self.ctx.relay;
-        let mut rtc = relay.new_rtc();
+        let mut rtc = relay.new_sender_rtc();
         let answer = match rtc.sdp_api().accept_offer(sdp) {
             Ok(a) => a,
             Err(e) => return self.error("bad_sdp", format!("cannot accept the SDP offer: {e}")),
@@ -564,7 +564,7 @@ impl Connection {
         }
 
         let relay = &self.ctx.relay;
-        let mut rtc = relay.new_rtc();
+        let mut rtc = relay.new_receiver_rtc();
         let mut api = rtc.sdp_api();
         let mid = api.add_media(
             MediaKind::Audio,

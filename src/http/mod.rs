@@ -28,6 +28,10 @@ use crate::registry::{Registry, StreamEvent};
 use crate::signalling::{self, Signalling};
 use crate::web;
 
+/// Initial WebSocket read buffer per connection (tungstenite grows it for
+/// larger frames, up to the message size limit).
+const WS_READ_BUFFER: usize = 4 * 1024;
+
 #[derive(Clone)]
 pub struct AppState {
     pub signalling: Arc<Signalling>,
@@ -366,6 +370,10 @@ fn upgrade_ws(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // Signalling messages are small, and every receiver keeps its socket
+        // open: tungstenite's 128 KiB default read buffer, allocated up front,
+        // was ~45 % of the server's memory per receiver. It grows on demand.
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             signalling::serve(socket, ctx, max, allowed).await;
             drop(guard);

@@ -6,10 +6,12 @@
 //! A sender peer's RTP packets are forwarded as they are (RTP mode, no
 //! decoding) to every receiver peer of its stream, each receiver with its own
 //! payload type, header-extension ids, SSRC and sequence space, and handed to
-//! the stream's MP3 pipeline. Signalling builds the `Rtc` (so the SDP answer
+//! the stream's MP3 pipeline. How one packet reaches many receivers (in one
+//! str0m pass each, on several threads for a large stream) is in [`forward`]. Signalling builds the `Rtc` (so the SDP answer
 //! or offer leaves at once) and hands it over with a [`Command`]; the relay
 //! reports back with [`PeerEvent`]s.
 
+mod forward;
 mod outbox;
 
 use std::cmp::Reverse;
@@ -28,8 +30,8 @@ use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::rtp::{Extension, ExtensionMap, RtpPacket, Ssrc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::metrics;
@@ -51,6 +53,9 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// How long a closing peer may take to flush its RTCP BYE and DTLS close_notify.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// Outgoing packets a receiver peer holds (str0m's default is 50): each is
+/// written and sent in the same pass, and audio is never retransmitted.
+const RECEIVER_SEND_BUFFER: usize = 8;
 
 /// What the relay tells the connection that owns a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,14 +132,41 @@ impl RelayHandle {
         self.next_peer.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A new peer configured for this relay: RTP mode, ICE lite, Opus only,
-    /// the shared DTLS certificate, and our host candidates.
-    pub fn new_rtc(&self) -> Rtc {
-        let mut rtc = Rtc::builder()
+    /// A new sender peer configured for this relay: RTP mode, ICE lite, Opus
+    /// only, the shared DTLS certificate, and our host candidates. It answers
+    /// the browser's offer with str0m's standard header extensions (the
+    /// browser may use transport-cc feedback for its own send-rate control).
+    pub fn new_sender_rtc(&self) -> Rtc {
+        self.finish_rtc(Self::base_config())
+    }
+
+    /// A new receiver peer: as a sender, but trimmed for a leg that only ever
+    /// sends one Opus stream. Its offer names just the audio-level and MID
+    /// header extensions: without transport-cc, str0m keeps no per-packet
+    /// send register (1000 records, ~90 KB per peer) and the browser sends no
+    /// feedback reports 10-20 times a second. Nothing is retransmitted for
+    /// Opus (browsers do not NACK audio), and every written packet is sent at
+    /// once, so the send buffer is kept small.
+    pub fn new_receiver_rtc(&self) -> Rtc {
+        let mut exts = ExtensionMap::empty();
+        exts.set(1, Extension::AudioLevel);
+        exts.set(4, Extension::RtpMid);
+        let config = Self::base_config()
+            .set_extension_map(exts)
+            .set_send_buffer_audio(RECEIVER_SEND_BUFFER);
+        self.finish_rtc(config)
+    }
+
+    fn base_config() -> RtcConfig {
+        Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
             .enable_opus(true, false)
+    }
+
+    fn finish_rtc(&self, config: RtcConfig) -> Rtc {
+        let mut rtc = config
             .set_dtls_cert(self.cert.clone())
             .build(Instant::now());
         for addr in self.candidates.iter() {
@@ -151,6 +183,8 @@ pub struct RelayConfig {
     pub announce: Vec<SocketAddr>,
     pub sender_idle: Duration,
     pub handshake_timeout: Duration,
+    /// Threads forwarding one packet of a large stream (0 = one per core, at most 4).
+    pub forward_threads: usize,
 }
 
 /// Binds the media socket and starts the relay thread.
@@ -203,6 +237,7 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
         handshake_timeout: config.handshake_timeout,
         next_housekeeping: Instant::now() + HOUSEKEEPING,
         stats: Stats::default(),
+        workers: forward::workers(config.forward_threads),
     };
     let thread = std::thread::Builder::new()
         .name("media-relay".into())
@@ -326,6 +361,8 @@ struct Relay {
     handshake_timeout: Duration,
     next_housekeeping: Instant,
     stats: Stats,
+    /// Threads one packet of a large stream may be forwarded on.
+    workers: usize,
 }
 
 impl Relay {
@@ -588,56 +625,33 @@ impl Relay {
         }
         self.stats.packets_in += 1;
         self.stats.bytes_in += pkt.payload.len() as u64;
-        let ext = ExtensionValues {
-            audio_level: pkt.header.ext_vals.audio_level,
-            voice_activity: pkt.header.ext_vals.voice_activity,
-            ..Default::default()
+        let packet = forward::Packet::new(&pkt, Instant::now());
+        let (fd, out) = (self.fd, &mut self.out);
+        let chunks = forward::chunks_for(entry.receivers.len(), self.workers);
+        let tally = if chunks > 1 {
+            // Disjoint borrows of this stream's receivers, for the threads.
+            let mut peers: Vec<&mut Peer> = self
+                .peers
+                .values_mut()
+                .filter(|p| p.role == Role::Receiver && p.stream == *stream)
+                .collect();
+            forward::to_peers_parallel(&mut peers, chunks, &packet, fd, out)
+        } else {
+            let mut tally = forward::Tally::default();
+            for id in &entry.receivers {
+                if let Some(peer) = self.peers.get_mut(id) {
+                    forward::to_peer(peer, &packet, fd, out, &mut tally);
+                }
+            }
+            out.flush(fd);
+            tally
         };
-        let seq_in = *pkt.seq_no as i64;
-        for rid in &entry.receivers {
-            let Some(peer) = self.peers.get_mut(rid) else {
-                continue;
-            };
-            if !peer.connected || peer.closing_since.is_some() {
-                continue;
-            }
-            let Some(leg) = peer.leg.as_mut() else {
-                continue;
-            };
-            let offset = *leg.seq_offset.get_or_insert(leg.seq_base as i64 - seq_in);
-            let seq_out = seq_in + offset;
-            if seq_out < 0 {
-                // Older than this receiver's first packet (reordered): skip.
-                continue;
-            }
-            let (ssrc, pt) = (leg.ssrc, leg.pt);
-            let write = RtpWrite::new(
-                pt,
-                (seq_out as u64).into(),
-                pkt.header.timestamp,
-                pkt.timestamp,
-                pkt.payload.clone(),
-            )
-            .marker(pkt.header.marker)
-            .ext_vals(ext.clone());
-            let (fd, out) = (self.fd, &mut self.out);
-            let sent = contained(peer, |p| {
-                let mut api = p.rtc.direct_api();
-                let Some(tx) = api.stream_tx(&ssrc) else {
-                    return false;
-                };
-                tx.write_rtp(write);
-                drain(p, fd, out, &mut Vec::new());
-                true
-            });
-            if sent != Some(true) {
-                continue;
-            }
-            schedule(peer, &mut self.timers);
-            self.stats.packets_out += 1;
-            self.stats.bytes_out += pkt.payload.len() as u64;
+        self.stats.packets_out += tally.sent;
+        self.stats.bytes_out += tally.sent * packet.payload_len() as u64;
+        self.timers.extend(tally.timers);
+        for id in tally.failed {
+            self.close_peer(id, "peer failed");
         }
-        self.out.flush(self.fd);
     }
 
     fn handle_timeouts(&mut self, now: Instant) {
@@ -837,10 +851,10 @@ fn contained<T>(peer: &mut Peer, f: impl FnOnce(&mut Peer) -> T) -> Option<T> {
 
 /// Puts the peer's next wake-up in the timer heap unless an entry at or
 /// before it is already there.
-fn schedule(peer: &mut Peer, timers: &mut BinaryHeap<Reverse<(Instant, PeerId)>>) {
+fn schedule(peer: &mut Peer, timers: &mut impl Extend<Reverse<(Instant, PeerId)>>) {
     if peer.scheduled.is_none_or(|s| peer.next_timeout < s) {
         peer.scheduled = Some(peer.next_timeout);
-        timers.push(Reverse((peer.next_timeout, peer.id)));
+        timers.extend([Reverse((peer.next_timeout, peer.id))]);
     }
 }
 

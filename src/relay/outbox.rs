@@ -30,6 +30,13 @@ impl Outbox {
         }
     }
 
+    /// Adds the counters of another (flushed) outbox on the same socket.
+    pub fn absorb_counts(&mut self, other: &Outbox) {
+        self.sent += other.sent;
+        self.dropped += other.dropped;
+        self.calls += other.calls;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

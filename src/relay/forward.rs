@@ -1,0 +1,253 @@
+//! The forward path: one sender RTP packet written to every receiver peer of
+//! its stream.
+//!
+//! Per receiver, str0m protects and sends the packet in a single pass:
+//! `write_rtp`, then a timeout at the same instant (str0m releases a written
+//! packet only once a timeout has stamped it), then `poll_output` until the
+//! peer is idle. Without the timeout the packet would wait for the peer's
+//! entry in the timer heap and cost a second full `poll_output` pass.
+//!
+//! A stream with many receivers is split over [`workers`] threads (scoped,
+//! one per chunk, for the duration of one packet): each chunk of peers is
+//! borrowed by exactly one thread, and each thread batches its own datagrams
+//! into its own [`Outbox`] on the shared socket. Small streams, the common
+//! case with many streams, stay on the relay thread.
+
+use std::cmp::Reverse;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::media::Pt;
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::Input;
+
+use super::outbox::Outbox;
+use super::{contained, drain, schedule, Peer, PeerId};
+
+/// Receivers per thread below which a stream is not split.
+const MIN_PER_WORKER: usize = 256;
+
+/// How many threads may forward one packet: `configured`, or with 0 the
+/// cores available, at most 4.
+pub fn workers(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// How many chunks a stream of `receivers` is forwarded in.
+pub fn chunks_for(receivers: usize, workers: usize) -> usize {
+    (receivers / MIN_PER_WORKER).clamp(1, workers)
+}
+
+/// What every receiver's copy of one sender packet is built from.
+pub struct Packet {
+    seq_in: i64,
+    rtp_time: u32,
+    wallclock: Instant,
+    marker: bool,
+    audio_level: Option<i8>,
+    voice_activity: Option<bool>,
+    payload: Arc<[u8]>,
+    /// One clock reading for the whole fan-out.
+    now: Instant,
+}
+
+impl Packet {
+    pub fn new(pkt: &RtpPacket, now: Instant) -> Self {
+        Packet {
+            seq_in: *pkt.seq_no as i64,
+            rtp_time: pkt.header.timestamp,
+            wallclock: pkt.timestamp,
+            marker: pkt.header.marker,
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            payload: pkt.payload.clone(),
+            now,
+        }
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// What forwarding to a set of receivers did, merged into the relay after.
+#[derive(Default)]
+pub struct Tally {
+    /// Copies handed to str0m and sent.
+    pub sent: u64,
+    /// Peers whose str0m state failed; the relay closes them.
+    pub failed: Vec<PeerId>,
+    /// Timer-heap entries to add (a peer's wake-up moved earlier).
+    pub timers: Vec<Reverse<(Instant, PeerId)>>,
+}
+
+/// Forwards `pkt` to one peer, datagrams into `out` (not flushed).
+pub fn to_peer(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox, tally: &mut Tally) {
+    match write_to(peer, pkt, fd, out) {
+        Outcome::Sent => {
+            schedule(peer, &mut tally.timers);
+            tally.sent += 1;
+        }
+        Outcome::Skipped => {}
+        Outcome::Failed => tally.failed.push(peer.id),
+    }
+}
+
+/// Forwards `pkt` to each peer in `peers`, then flushes `out`.
+fn to_peers<'a>(
+    peers: impl IntoIterator<Item = &'a mut Peer>,
+    pkt: &Packet,
+    fd: RawFd,
+    out: &mut Outbox,
+) -> Tally {
+    let mut tally = Tally::default();
+    for peer in peers {
+        to_peer(peer, pkt, fd, out, &mut tally);
+    }
+    out.flush(fd);
+    tally
+}
+
+/// Forwards `pkt` to `peers` in `chunks` pieces, all but the first on scoped
+/// threads with an outbox each; the first on this thread with `out`.
+pub fn to_peers_parallel(
+    peers: &mut [&mut Peer],
+    chunks: usize,
+    pkt: &Packet,
+    fd: RawFd,
+    out: &mut Outbox,
+) -> Tally {
+    let size = peers.len().div_ceil(chunks.max(1)).max(1);
+    let mut parts = peers.chunks_mut(size);
+    let Some(first) = parts.next() else {
+        return Tally::default();
+    };
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = parts
+            .map(|part| {
+                std::thread::Builder::new()
+                    .name("media-forward".into())
+                    .spawn_scoped(s, move || {
+                        let mut own = Outbox::default();
+                        let tally = to_peers(part.iter_mut().map(|p| &mut **p), pkt, fd, &mut own);
+                        (tally, own)
+                    })
+            })
+            .collect();
+        let mut tally = to_peers(first.iter_mut().map(|p| &mut **p), pkt, fd, out);
+        for helper in helpers {
+            // A thread that cannot be spawned leaves its chunk unserved for
+            // this one packet; a panic inside str0m is contained per peer, so
+            // a join error is not expected.
+            let Ok(handle) = helper else {
+                tracing::warn!("cannot spawn a forwarding thread");
+                continue;
+            };
+            if let Ok((t, own)) = handle.join() {
+                tally.sent += t.sent;
+                tally.failed.extend(t.failed);
+                tally.timers.extend(t.timers);
+                out.absorb_counts(&own);
+            }
+        }
+        tally
+    })
+}
+
+enum Outcome {
+    Sent,
+    Skipped,
+    Failed,
+}
+
+fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outcome {
+    if !peer.connected || peer.closing_since.is_some() {
+        return Outcome::Skipped;
+    }
+    let Some(leg) = peer.leg.as_mut() else {
+        return Outcome::Skipped;
+    };
+    let offset = *leg
+        .seq_offset
+        .get_or_insert(leg.seq_base as i64 - pkt.seq_in);
+    let seq_out = pkt.seq_in + offset;
+    if seq_out < 0 {
+        // Older than this receiver's first packet (reordered): skip.
+        return Outcome::Skipped;
+    }
+    let (ssrc, pt) = (leg.ssrc, leg.pt);
+    let write = rtp_write(pkt, pt, seq_out as u64);
+    let result = contained(peer, |p| write_and_send(p, ssrc, write, pkt.now, fd, out));
+    match result {
+        Some(Ok(true)) => Outcome::Sent,
+        Some(Ok(false)) | None => Outcome::Skipped,
+        Some(Err(e)) => {
+            tracing::debug!(peer = peer.id, error = %e, "peer forward error");
+            Outcome::Failed
+        }
+    }
+}
+
+fn rtp_write(pkt: &Packet, pt: Pt, seq_out: u64) -> RtpWrite {
+    let ext = ExtensionValues {
+        audio_level: pkt.audio_level,
+        voice_activity: pkt.voice_activity,
+        ..Default::default()
+    };
+    RtpWrite::new(
+        pt,
+        seq_out.into(),
+        pkt.rtp_time,
+        pkt.wallclock,
+        pkt.payload.clone(),
+    )
+    .marker(pkt.marker)
+    .ext_vals(ext)
+}
+
+fn write_and_send(
+    p: &mut Peer,
+    ssrc: Ssrc,
+    write: RtpWrite,
+    now: Instant,
+    fd: RawFd,
+    out: &mut Outbox,
+) -> Result<bool, str0m::RtcError> {
+    let mut api = p.rtc.direct_api();
+    let Some(tx) = api.stream_tx(&ssrc) else {
+        return Ok(false);
+    };
+    tx.write_rtp(write);
+    p.rtc.handle_input(Input::Timeout(now))?;
+    drain(p, fd, out, &mut Vec::new());
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_streams_stay_on_one_thread() {
+        assert_eq!(chunks_for(0, 2), 1);
+        assert_eq!(chunks_for(10, 2), 1);
+        assert_eq!(chunks_for(2 * MIN_PER_WORKER - 1, 2), 1);
+        assert_eq!(chunks_for(2 * MIN_PER_WORKER, 2), 2);
+        assert_eq!(chunks_for(5000, 2), 2);
+        assert_eq!(chunks_for(5000, 4), 4);
+        assert_eq!(chunks_for(5000, 1), 1);
+    }
+
+    #[test]
+    fn configured_workers_win() {
+        assert_eq!(workers(3), 3);
+        assert!((1..=4).contains(&workers(0)));
+    }
+}
