@@ -1,7 +1,7 @@
 //! The few HTTP/1.1 pieces a listener needs: the request, the response head
 //! and a streaming `Transfer-Encoding: chunked` decoder that reports chunk
-//! boundaries (voice-relay writes one chunk per batch, the first being the
-//! burst).
+//! boundaries (voice-relay writes one chunk per ~200 ms batch; the burst is
+//! several chunks written at once).
 
 /// Parsed response head.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -134,7 +134,8 @@ impl Conn {
         (self.mp3.audio_ns.saturating_sub(self.burst_ns)) as f64 / (end - self.t_first_byte) as f64
     }
 
-    /// Feeds body bytes to the decoders.
+    /// Feeds body bytes to the decoders. The burst is what the first read
+    /// brought (the server writes it at once, as one or several chunks).
     fn body(&mut self, data: &[u8], now: u64) {
         self.body_bytes += data.len() as u64;
         let before = self.mp3.frames;
@@ -142,9 +143,6 @@ impl Conn {
             let Conn {
                 dec,
                 mp3,
-                burst_known,
-                burst_ns,
-                burst_frames,
                 state,
                 end,
                 ..
@@ -153,13 +151,7 @@ impl Conn {
                 Ev::Data(d) => {
                     mp3.feed(d);
                 }
-                Ev::ChunkEnd => {
-                    if !*burst_known {
-                        *burst_known = true;
-                        *burst_ns = mp3.audio_ns;
-                        *burst_frames = mp3.frames as u32;
-                    }
-                }
+                Ev::ChunkEnd => {}
                 Ev::End => {
                     *state = State::Ended;
                     *end = End::LastChunk;
@@ -171,11 +163,11 @@ impl Conn {
             }
         } else {
             self.mp3.feed(data);
-            if !self.burst_known {
-                self.burst_known = true;
-                self.burst_ns = self.mp3.audio_ns;
-                self.burst_frames = self.mp3.frames as u32;
-            }
+        }
+        if !self.burst_known {
+            self.burst_known = true;
+            self.burst_ns = self.mp3.audio_ns;
+            self.burst_frames = self.mp3.frames as u32;
         }
         if before == 0 && self.mp3.frames > 0 {
             self.t_first_frame = now;
