@@ -21,8 +21,11 @@ use super::{find_mp3_stream, tune, AppState, Refusal};
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause between peeks while a head arrives in pieces (rare: one segment is usual).
-const PEEK_PAUSE: Duration = Duration::from_millis(5);
+/// Pauses between peeks while a head arrives in pieces (rare: one segment is
+/// usual): the first is short, each next one twice as long up to the last, so
+/// a client trickling its head cannot make us spin.
+const PEEK_PAUSE_FIRST: Duration = Duration::from_millis(5);
+const PEEK_PAUSE_MAX: Duration = Duration::from_millis(250);
 
 /// The acceptor of plain-HTTP listeners: tunes the socket and takes over
 /// live MP3 requests.
@@ -75,6 +78,7 @@ async fn peek_mp3_request(stream: &TcpStream) -> Option<Box<Mp3Request>> {
     const PREFIX: &[u8] = b"GET /stream/";
     let mut buf = vec![0u8; MAX_HEAD];
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    let mut pause = PEEK_PAUSE_FIRST;
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
             .await
@@ -92,10 +96,11 @@ async fn peek_mp3_request(stream: &TcpStream) -> Option<Box<Mp3Request>> {
             Parsed::Other => return None,
             Parsed::Partial if n == buf.len() => return None,
             Parsed::Partial => {
-                if tokio::time::Instant::now() + PEEK_PAUSE > deadline {
+                if tokio::time::Instant::now() + pause > deadline {
                     return None;
                 }
-                tokio::time::sleep(PEEK_PAUSE).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PEEK_PAUSE_MAX);
             }
         }
     }

@@ -281,6 +281,27 @@ def test_mp3_body_framing_http11_and_http10(server: RelayServer) -> None:
     relay(server, body)
 
 
+def test_mp3_request_head_in_pieces(server: RelayServer) -> None:
+    """A player whose request head arrives in several TCP segments still gets the stream."""
+
+    async def body(c: Clients) -> None:
+        snd = await c.sender(440)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = f"GET /stream/{snd.stream_id}.mp3 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow\r\n\r\n".encode()
+        for piece in (request[:9], request[9:30], request[30:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.3)
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1").lower()
+        data = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        assert head.startswith("http/1.1 200"), head
+        assert "audio/mpeg" in head, head
+        assert b"\xff" in data[:16], f"no frame sync at the start of the body: {data[:16]!r}"
+
+    relay(server, body)
+
+
 def test_mp3_not_found(server: RelayServer) -> None:
     async def body(c: Clients) -> None:
         r = await http("GET", server.http + "/stream/stream_nope.mp3", timeout=5)
