@@ -163,10 +163,6 @@ struct StreamQuery {
 /// Longest wait a request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-fn not_found(message: String) -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error": message }))).into_response()
-}
-
 /// Resolves a request for `/stream/{file}` to a live stream (waiting for
 /// `latest`), checking access and, when `join` is set, the listener limits.
 pub(crate) async fn find_mp3_stream(
@@ -313,7 +309,7 @@ async fn ca_cert(State(state): State<AppState>) -> Response {
             pem.as_ref().clone(),
         )
             .into_response(),
-        None => not_found("this server does not use TLS".into()),
+        None => Refusal::new(StatusCode::NOT_FOUND, "this server does not use TLS").into_response(),
     }
 }
 
@@ -337,13 +333,11 @@ fn upgrade_ws(
     if !state.access.origin_allowed(headers) {
         tracing::info!(ip = %peer.ip(), "WebSocket refused: origin not allowed");
         metrics().limit_hits.with_label_values(&["origin"]).inc();
-        return (
+        return Refusal::new(
             StatusCode::FORBIDDEN,
-            Json(
-                json!({ "error": "this web origin may not use the relay (see --allowed-origin)" }),
-            ),
+            "this web origin may not use the relay (see --allowed-origin)",
         )
-            .into_response();
+        .into_response();
     }
     let allowed = state.access.of_request(uri, headers);
     if !allowed.any() {
@@ -359,13 +353,11 @@ fn upgrade_ws(
             .limit_hits
             .with_label_values(&["connections_per_ip"])
             .inc();
-        return (
+        return Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
-            Json(json!({
-                "error": format!("too many connections from this address (the limit is {per_ip})")
-            })),
+            format!("too many connections from this address (the limit is {per_ip})"),
         )
-            .into_response();
+        .into_response();
     };
     upgrade
         .max_message_size(max)

@@ -420,6 +420,17 @@ pub(super) struct Slot {
     pub(super) chunked: bool,
 }
 
+impl Slot {
+    /// What of `batch` goes on this listener's wire.
+    pub(super) fn body_of<'a>(&self, batch: &'a Batch) -> &'a Bytes {
+        if self.chunked {
+            &batch.framed
+        } else {
+            &batch.data
+        }
+    }
+}
+
 struct ListenerGuard(Arc<Fanout>);
 
 impl Drop for ListenerGuard {

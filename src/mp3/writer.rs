@@ -156,11 +156,7 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
         let mut n = 0;
         let mut total = 0;
         for (k, batch) in pending.iter().take(MAX_IOV).enumerate() {
-            let bytes = if slot.chunked {
-                &batch.framed
-            } else {
-                &batch.data
-            };
+            let bytes = slot.body_of(batch);
             let bytes = if k == 0 {
                 &bytes[(slot.offset as usize).min(bytes.len())..]
             } else {
@@ -187,11 +183,7 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
 /// Moves the slot's position on by `written` bytes.
 fn advance(slot: &mut Slot, pending: &[Batch], mut written: usize) {
     for batch in pending {
-        let len = if slot.chunked {
-            batch.framed.len()
-        } else {
-            batch.data.len()
-        };
+        let len = slot.body_of(batch).len();
         let left = len - (slot.offset as usize).min(len);
         if written < left {
             slot.offset += written as u32;
