@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,8 +50,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa
                 rep.sections.append((f"{name} log ({rep.when})", srv.log_tail(80)))
 
 
-def _start(tmp_path: Path, name: str) -> RelayServer:
-    srv = RelayServer(tmp_path / f"{name}.log")
+def _start(tmp_path: Path, name: str, args: list[str] | None = None) -> RelayServer:
+    srv = RelayServer(tmp_path / f"{name}.log", args)
     problem = None
     try:
         srv.start()
@@ -82,13 +83,19 @@ def _finish(srv: RelayServer) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path):  # noqa: ANN201
-    """A fresh voice-relay on a free 127.0.0.1 port (TCP for HTTP/WS, UDP for media)."""
-    srv = _start(tmp_path, "server")
+def server(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    """A fresh voice-relay on a free 127.0.0.1 port (TCP for HTTP/WS, UDP for media),
+    started with the command-line options given as the fixture parameter (see ``with_args``)."""
+    srv = _start(tmp_path, "server", list(getattr(request, "param", [])))
     try:
         yield srv
     finally:
         _finish(srv)
+
+
+def with_args(*args: str) -> Any:
+    """Parametrize the ``server`` fixture with these options."""
+    return pytest.mark.parametrize("server", [list(args)], indirect=True, ids=[" ".join(args)])
 
 
 @pytest.fixture(scope="session")

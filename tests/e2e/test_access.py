@@ -14,8 +14,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from clients import Clients, assert_tone, http
-from conftest import _finish
-from test_limits import relay, server, with_args  # noqa: F401  (fixture re-used)
+from conftest import _finish, with_args
+from test_relay import relay
 from relay_server import RelayServer
 
 ALL = "t0k3n-all-Secret"

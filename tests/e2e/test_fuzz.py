@@ -33,13 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from clients import Clients, ToneReceiver, assert_tone, rtc_config, run
-from conftest import _finish
+from conftest import with_args
 from relay_server import RelayServer
 
 SEED = 0x7E1A7
@@ -54,21 +53,7 @@ LIVE, MID = "@@LIVE@@", "@@MID@@"
 BROADCASTS = {"stream_available", "stream_ended"}
 CLIENT_TYPES = ["get_available_streams", "start_sending", "webrtc_offer", "start_receiving",
                 "webrtc_answer", "ice_candidate", "stop_stream"]
-SERVER_ARGS = ["--max-messages-per-sec", "1000"]
-
-
-@pytest.fixture
-def server(tmp_path: Path):  # noqa: ANN201
-    """The server with a per-socket message rate the fuzzer will not hit."""
-    srv = RelayServer(tmp_path / "server.log", SERVER_ARGS)
-    try:
-        srv.start()
-    except (FileNotFoundError, RuntimeError) as e:
-        pytest.fail(f"server did not start: {e}", pytrace=False)
-    try:
-        yield srv
-    finally:
-        _finish(srv)
+SERVER_ARGS = ["--max-messages-per-sec", "1000"]  # a per-socket rate the fuzzer will not hit
 
 
 # ---------------------------------------------------------------------------
@@ -635,6 +620,7 @@ async def after_checks(server: RelayServer, c: Clients, live: str, rxs: list[Ton
 # ---------------------------------------------------------------------------
 
 
+@with_args(*SERVER_ARGS)
 def test_fuzz_signalling(server: RelayServer, tmp_path: Path) -> None:
     async def main() -> None:
         async with Clients(server.ws, server.http) as c:
@@ -713,6 +699,7 @@ def load_corpus() -> list[tuple[str, dict]]:
     return [(p.name, json.loads(p.read_text())) for p in sorted(CORPUS_DIR.glob("*.json"))]
 
 
+@with_args(*SERVER_ARGS)
 def test_fuzz_corpus_replay(server: RelayServer) -> None:
     corpus = load_corpus()
     assert len(corpus) >= 8, f"the fuzz corpus in {CORPUS_DIR} is missing or nearly empty"

@@ -13,10 +13,8 @@ import random
 import socket
 import struct
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
@@ -35,31 +33,12 @@ from clients import (
     rtc_config,
     wait_until,
 )
-from conftest import _finish
+from conftest import with_args
 from relay_server import RelayServer
-from test_relay import relay  # noqa: F401  (also re-exported to test_access)
+from test_relay import relay
 
 # How long the media thread may take to publish its counters (it does so every ~0.5 s).
 PUBLISH = 2.0
-
-
-@pytest.fixture
-def server(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
-    """A fresh voice-relay started with the command-line options given as the fixture parameter."""
-    srv = RelayServer(tmp_path / "server.log", list(getattr(request, "param", [])))
-    try:
-        srv.start()
-    except (FileNotFoundError, RuntimeError) as e:
-        pytest.fail(f"server did not start: {e}", pytrace=False)
-    try:
-        yield srv
-    finally:
-        _finish(srv)
-
-
-def with_args(*args: str) -> Any:
-    """Parametrize the ``server`` fixture with these options."""
-    return pytest.mark.parametrize("server", [list(args)], indirect=True, ids=[" ".join(args)])
 
 
 # ---------------------------------------------------------------------------

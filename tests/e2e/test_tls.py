@@ -16,7 +16,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
@@ -36,6 +35,7 @@ from clients import (
 )
 from conftest import _finish
 from relay_server import RelayServer, free_port
+from test_mp3 import ffmpeg_capture
 
 
 class TlsRelay(RelayServer):
@@ -136,20 +136,6 @@ async def wss_signal(url: str, ctx: ssl.SSLContext, name: str) -> Signal:
     return s
 
 
-async def ffmpeg_decode(url: str, seconds: float, timeout: float = 20.0) -> tuple[np.ndarray, str]:
-    """Decode a live MP3 URL with ffmpeg to 48 kHz mono samples."""
-    proc = await asyncio.create_subprocess_exec(
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "warning", "-t", str(seconds), "-i", url,
-        "-f", "s16le", "-ac", "1", "-ar", "48000", "-",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-    return np.frombuffer(out[: len(out) // 2 * 2], dtype="<i2").astype(np.float64), err.decode(errors="replace")
-
-
 async def raw_get_head(port: int, path: str, nbytes: int = 2048, timeout: float = 10.0) -> tuple[str, dict, bytes]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
@@ -218,13 +204,15 @@ def test_tls_self_signed_end_to_end(server: TlsRelay, data_dir: Path) -> None:
             assert status.split()[1] == "200", status
             assert headers.get("content-type", "").startswith("audio/mpeg"), headers
             assert b"\xff" in body[:64], f"no MP3 frame sync near the start: {body[:16]!r}"
-            samples, err = await ffmpeg_decode(f"{server.audio}/stream/latest.mp3", 2.5)
+            cap = await ffmpeg_capture(f"{server.audio}/stream/latest.mp3", 2.5)
+            samples, err = cap.samples, cap.stderr
             assert len(samples) >= 1.5 * 48000, f"only {len(samples) / 48000:.2f}s decoded; ffmpeg: {err[-400:]}"
             tail = samples[-48000:]
             assert rms(tail) > 300 and abs(dominant_frequency(tail) - 440) <= 15, dominant_frequency(tail)
             assert tone_purity(tail, 440) >= 0.7
             # MP3 behind TLS on the main port (served by the router, not handed over).
-            samples, err = await ffmpeg_decode(f"{server.https}/stream/{sid}.mp3", 2.5)
+            cap = await ffmpeg_capture(f"{server.https}/stream/{sid}.mp3", 2.5)
+            samples, err = cap.samples, cap.stderr
             assert len(samples) >= 1.5 * 48000, f"https: only {len(samples) / 48000:.2f}s decoded; ffmpeg: {err[-400:]}"
             tail = samples[-48000:]
             assert abs(dominant_frequency(tail) - 440) <= 15 and tone_purity(tail, 440) >= 0.7
