@@ -453,16 +453,19 @@ class AudioSink:
     async def _consume(self, track: MediaStreamTrack) -> None:
         try:
             while True:
-                frame = await track.recv()
-                self.sample_rate = frame.sample_rate or SAMPLE_RATE
-                self.chunks.append(frame_to_mono(frame))
-                self.arrivals.append(time.monotonic())
+                self._take(await track.recv())
                 self.started.set()
         except MediaStreamError:
             pass
         finally:
             self.end_time = time.monotonic()
             self.ended.set()
+
+    def _take(self, frame) -> None:  # noqa: ANN001
+        """Keeps one received frame (subclasses may keep less)."""
+        self.sample_rate = frame.sample_rate or SAMPLE_RATE
+        self.chunks.append(frame_to_mono(frame))
+        self.arrivals.append(time.monotonic())
 
     @property
     def frames(self) -> int:
