@@ -19,6 +19,7 @@ pub struct Metrics {
     pub rtp_bytes_in: IntCounter,
     pub rtp_packets_out: IntCounter,
     pub rtp_bytes_out: IntCounter,
+    pub rtp_protected: IntCounterVec,
     pub udp_datagrams_sent: IntCounter,
     pub udp_dropped: IntCounterVec,
     pub peers_connected: IntCounterVec,
@@ -72,6 +73,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         rtp_bytes_out: counter(
             "rtp_bytes_out_total",
             "RTP payload bytes forwarded to receivers",
+        )?,
+        rtp_protected: counter_vec(
+            "rtp_protected_total",
+            "Forwarded RTP packets by who SRTP-protected them: the relay, or str0m before a receiver's keys were known",
+            "by",
         )?,
         udp_datagrams_sent: counter("udp_datagrams_sent_total", "UDP datagrams sent")?,
         udp_dropped: counter_vec(

@@ -20,7 +20,7 @@ use crate::config::Limits;
 use crate::metrics::metrics;
 use crate::mp3::{self, Mp3Config};
 use crate::registry::{CountGuard, Registry, StreamEvent};
-use crate::relay::{self, Command, PeerEvent, PeerId, RelayHandle};
+use crate::relay::{self, Command, KeySlot, PeerEvent, PeerId, RelayHandle};
 
 /// A client that does not take a message within this time is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -182,6 +182,8 @@ enum Role {
         stream: Arc<str>,
         peer: PeerId,
         rtc: Box<Rtc>,
+        /// Where the relay will find this peer's SRTP keys.
+        keys: KeySlot,
         pending: SdpPendingOffer,
         mid: Mid,
         _count: CountGuard,
@@ -564,7 +566,7 @@ impl Connection {
         }
 
         let relay = &self.ctx.relay;
-        let mut rtc = relay.new_receiver_rtc();
+        let (mut rtc, keys) = relay.new_receiver_rtc();
         let mut api = rtc.sdp_api();
         let mid = api.add_media(
             MediaKind::Audio,
@@ -589,6 +591,7 @@ impl Connection {
             stream: target,
             peer,
             rtc: Box::new(rtc),
+            keys,
             pending,
             mid,
             _count: count,
@@ -613,6 +616,7 @@ impl Connection {
             stream,
             peer,
             mut rtc,
+            keys,
             pending,
             mid,
             _count,
@@ -630,6 +634,7 @@ impl Connection {
             peer,
             stream: stream.clone(),
             rtc,
+            keys,
             mid,
             events: self.peer_events.clone(),
         }) {

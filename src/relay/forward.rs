@@ -1,11 +1,16 @@
 //! The forward path: one sender RTP packet written to every receiver peer of
 //! its stream.
 //!
-//! Per receiver, str0m protects and sends the packet in a single pass:
-//! `write_rtp`, then a timeout at the same instant (str0m releases a written
-//! packet only once a timeout has stamped it), then `poll_output` until the
-//! peer is idle. Without the timeout the packet would wait for the peer's
-//! entry in the timer heap and cost a second full `poll_output` pass.
+//! Per receiver, the copy is built here: the RTP header with the receiver's
+//! SSRC, payload type, sequence number and header-extension ids, then one
+//! SRTP protect with the keys [`super::srtp`] tapped from its DTLS handshake,
+//! straight into the outbox. str0m is not touched per copy; it keeps running
+//! the peer's ICE, DTLS and RTCP on its own timers.
+//!
+//! Until a peer's keys are known (or if its SRTP profile were one we do not
+//! know), its copies go through str0m instead, in a single pass: `write_rtp`,
+//! then a timeout at the same instant (str0m releases a written packet only
+//! once a timeout has stamped it), then `poll_output` until the peer is idle.
 //!
 //! A stream with many receivers is split over [`workers`] threads (scoped,
 //! one per chunk, for the duration of one packet): each chunk of peers is
@@ -23,7 +28,8 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::Input;
 
 use super::outbox::Outbox;
-use super::{contained, drain, schedule, Peer, PeerId};
+use super::srtp::{tapped_provider, SrtpTx};
+use super::{contained, drain, schedule, Leg, Peer, PeerId};
 
 /// Receivers per thread below which a stream is not split.
 const MIN_PER_WORKER: usize = 256;
@@ -80,8 +86,10 @@ impl Packet {
 /// What forwarding to a set of receivers did, merged into the relay after.
 #[derive(Default)]
 pub struct Tally {
-    /// Copies handed to str0m and sent.
+    /// Copies sent.
     pub sent: u64,
+    /// Of those, copies protected by str0m (its keys were not tapped yet).
+    pub by_str0m: u64,
     /// Peers whose str0m state failed; the relay closes them.
     pub failed: Vec<PeerId>,
     /// Timer-heap entries to add (a peer's wake-up moved earlier).
@@ -91,9 +99,11 @@ pub struct Tally {
 /// Forwards `pkt` to one peer, datagrams into `out` (not flushed).
 pub fn to_peer(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox, tally: &mut Tally) {
     match write_to(peer, pkt, fd, out) {
-        Outcome::Sent => {
+        Outcome::Sent => tally.sent += 1,
+        Outcome::SentByStr0m => {
             schedule(peer, &mut tally.timers);
             tally.sent += 1;
+            tally.by_str0m += 1;
         }
         Outcome::Skipped => {}
         Outcome::Failed => tally.failed.push(peer.id),
@@ -152,6 +162,7 @@ pub fn to_peers_parallel(
             };
             if let Ok((t, own)) = handle.join() {
                 tally.sent += t.sent;
+                tally.by_str0m += t.by_str0m;
                 tally.failed.extend(t.failed);
                 tally.timers.extend(t.timers);
                 out.absorb_counts(&own);
@@ -163,6 +174,7 @@ pub fn to_peers_parallel(
 
 enum Outcome {
     Sent,
+    SentByStr0m,
     Skipped,
     Failed,
 }
@@ -182,17 +194,90 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
         // Older than this receiver's first packet (reordered): skip.
         return Outcome::Skipped;
     }
+    if leg.srtp.is_none() {
+        if let Some(keys) = leg.keys.get() {
+            leg.srtp = SrtpTx::new(keys, &tapped_provider());
+            tracing::debug!(peer = peer.id, profile = ?keys.profile(), known = leg.srtp.is_some(), "receiver SRTP keys tapped");
+        }
+    }
+    if let (Some(dest), Some(_)) = (peer.media_to, leg.srtp.as_ref()) {
+        return match protect(leg, pkt, seq_out as u64) {
+            Ok(datagram) => {
+                out.push(fd, dest, datagram);
+                Outcome::Sent
+            }
+            Err(e) => {
+                tracing::debug!(peer = peer.id, error = %e, "srtp protect failed");
+                Outcome::Failed
+            }
+        };
+    }
     let (ssrc, pt) = (leg.ssrc, leg.pt);
     let write = rtp_write(pkt, pt, seq_out as u64);
     let result = contained(peer, |p| write_and_send(p, ssrc, write, pkt.now, fd, out));
     match result {
-        Some(Ok(true)) => Outcome::Sent,
+        Some(Ok(true)) => Outcome::SentByStr0m,
         Some(Ok(false)) | None => Outcome::Skipped,
         Some(Err(e)) => {
             tracing::debug!(peer = peer.id, error = %e, "peer forward error");
             Outcome::Failed
         }
     }
+}
+
+/// The SRTP datagram of `pkt` for one receiver; `index` is its extended
+/// sequence number in the receiver's sequence space.
+fn protect(leg: &mut Leg, pkt: &Packet, index: u64) -> Result<Vec<u8>, str0m::crypto::CryptoError> {
+    let mut header = [0u8; MAX_HEADER];
+    let len = write_header(&mut header, leg, pkt, index as u16);
+    let ssrc = *leg.ssrc;
+    let Some(tx) = leg.srtp.as_mut() else {
+        return Err(str0m::crypto::CryptoError::Other("no SRTP keys".into()));
+    };
+    tx.protect(&header[..len], &pkt.payload, ssrc, index)
+}
+
+/// Fixed header (12) + extension header (4) + audio level (2) + MID (1 + 16),
+/// padded to a multiple of four.
+const MAX_HEADER: usize = 12 + 4 + 20;
+
+/// Writes the RTP header of one receiver's copy (RFC 3550 §5.1) with the
+/// one-byte header extensions it negotiated (RFC 8285); returns its length.
+fn write_header(buf: &mut [u8; MAX_HEADER], leg: &Leg, pkt: &Packet, seq: u16) -> usize {
+    let mut ext = [0u8; 20];
+    let mut n = 0;
+    if let (Some(id), Some(level)) = (leg.audio_level_id, pkt.audio_level) {
+        let voice = if pkt.voice_activity == Some(true) {
+            0x80
+        } else {
+            0
+        };
+        ext[0] = id << 4; // length field is len - 1 = 0
+        ext[1] = voice | (level.unsigned_abs() & 0x7f);
+        n = 2;
+    }
+    if let Some((id, mid)) = &leg.mid_ext {
+        let value = mid.as_bytes();
+        if (1..=16).contains(&value.len()) {
+            ext[n] = (id << 4) | (value.len() as u8 - 1);
+            ext[n + 1..n + 1 + value.len()].copy_from_slice(value);
+            n += 1 + value.len();
+        }
+    }
+    let words = n.div_ceil(4);
+    buf[0] = if words > 0 { 0x90 } else { 0x80 };
+    buf[1] = (u8::from(pkt.marker) << 7) | (*leg.pt & 0x7f);
+    buf[2..4].copy_from_slice(&seq.to_be_bytes());
+    buf[4..8].copy_from_slice(&pkt.rtp_time.to_be_bytes());
+    buf[8..12].copy_from_slice(&leg.ssrc.to_be_bytes());
+    if words == 0 {
+        return 12;
+    }
+    buf[12..14].copy_from_slice(&[0xBE, 0xDE]);
+    buf[14..16].copy_from_slice(&(words as u16).to_be_bytes());
+    // Padding after the elements stays zero (RFC 8285 §4.2).
+    buf[16..16 + n].copy_from_slice(&ext[..n]);
+    16 + 4 * words
 }
 
 fn rtp_write(pkt: &Packet, pt: Pt, seq_out: u64) -> RtpWrite {

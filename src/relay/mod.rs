@@ -6,13 +6,17 @@
 //! A sender peer's RTP packets are forwarded as they are (RTP mode, no
 //! decoding) to every receiver peer of its stream, each receiver with its own
 //! payload type, header-extension ids, SSRC and sequence space, and handed to
-//! the stream's MP3 pipeline. How one packet reaches many receivers (in one
-//! str0m pass each, on several threads for a large stream) is in [`forward`]. Signalling builds the `Rtc` (so the SDP answer
-//! or offer leaves at once) and hands it over with a [`Command`]; the relay
-//! reports back with [`PeerEvent`]s.
+//! the stream's MP3 pipeline. How one packet reaches many receivers (one
+//! header write and one SRTP protect each, on several threads for a large
+//! stream) is in [`forward`]; the SRTP keys come from [`srtp`]. Signalling
+//! builds the `Rtc` (so the SDP answer or offer leaves at once) and hands it
+//! over with a [`Command`]; the relay reports back with [`PeerEvent`]s.
 
 mod forward;
 mod outbox;
+mod srtp;
+
+pub use srtp::KeySlot;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -84,6 +88,8 @@ pub enum Command {
         peer: PeerId,
         stream: Arc<str>,
         rtc: Box<Rtc>,
+        /// Filled with its SRTP keys when its DTLS handshake completes.
+        keys: KeySlot,
         /// The audio m-line we offered.
         mid: Mid,
         events: PeerEvents,
@@ -145,16 +151,20 @@ impl RelayHandle {
     /// header extensions: without transport-cc, str0m keeps no per-packet
     /// send register (1000 records, ~90 KB per peer) and the browser sends no
     /// feedback reports 10-20 times a second. Nothing is retransmitted for
-    /// Opus (browsers do not NACK audio), and every written packet is sent at
-    /// once, so the send buffer is kept small.
-    pub fn new_receiver_rtc(&self) -> Rtc {
+    /// Opus (browsers do not NACK audio), and the relay protects and sends
+    /// forwarded packets itself, so the send buffer is kept small. The slot
+    /// receives the peer's SRTP keys when its DTLS handshake completes.
+    pub fn new_receiver_rtc(&self) -> (Rtc, KeySlot) {
         let mut exts = ExtensionMap::empty();
         exts.set(1, Extension::AudioLevel);
         exts.set(4, Extension::RtpMid);
         let config = Self::base_config()
             .set_extension_map(exts)
-            .set_send_buffer_audio(RECEIVER_SEND_BUFFER);
-        self.finish_rtc(config)
+            .set_send_buffer_audio(RECEIVER_SEND_BUFFER)
+            .set_dtls_cert(self.cert.clone());
+        let (mut rtc, keys) = srtp::build_tapped(config, Instant::now());
+        self.add_candidates(&mut rtc);
+        (rtc, keys)
     }
 
     fn base_config() -> RtcConfig {
@@ -169,12 +179,16 @@ impl RelayHandle {
         let mut rtc = config
             .set_dtls_cert(self.cert.clone())
             .build(Instant::now());
+        self.add_candidates(&mut rtc);
+        rtc
+    }
+
+    fn add_candidates(&self, rtc: &mut Rtc) {
         for addr in self.candidates.iter() {
             if let Ok(c) = Candidate::host(*addr, "udp") {
                 rtc.add_local_candidate(c);
             }
         }
-        rtc
     }
 }
 
@@ -268,13 +282,19 @@ enum Role {
     Receiver,
 }
 
-/// A receiver's outgoing leg: what its browser negotiated, and where its own
-/// sequence space starts.
+/// A receiver's outgoing leg: what its browser negotiated, where its own
+/// sequence space starts, and its SRTP context once DTLS has keyed it.
 struct Leg {
     ssrc: Ssrc,
     pt: Pt,
+    /// Header extension ids the browser accepted: audio level, and MID with
+    /// the m-line's value.
+    audio_level_id: Option<u8>,
+    mid_ext: Option<(u8, Mid)>,
     seq_base: u64,
     seq_offset: Option<i64>,
+    keys: KeySlot,
+    srtp: Option<srtp::SrtpTx>,
 }
 
 struct Peer {
@@ -292,6 +312,8 @@ struct Peer {
     closing_since: Option<Instant>,
     last_media: Instant,
     addrs: Vec<SocketAddr>,
+    /// Where str0m last sent DTLS or RTCP: the nominated remote address.
+    media_to: Option<SocketAddr>,
     ufrag: String,
     leg: Option<Leg>,
 }
@@ -310,6 +332,8 @@ struct Stats {
     packets_in: u64,
     bytes_in: u64,
     packets_out: u64,
+    /// Of `packets_out`, those str0m protected (the rest the relay did).
+    by_str0m: u64,
     bytes_out: u64,
     published_sent: u64,
     published_dropped: u64,
@@ -321,8 +345,17 @@ impl Stats {
         m.rtp_packets_in
             .inc_by(std::mem::take(&mut self.packets_in));
         m.rtp_bytes_in.inc_by(std::mem::take(&mut self.bytes_in));
-        m.rtp_packets_out
-            .inc_by(std::mem::take(&mut self.packets_out));
+        let (out_total, by_str0m) = (
+            std::mem::take(&mut self.packets_out),
+            std::mem::take(&mut self.by_str0m),
+        );
+        m.rtp_packets_out.inc_by(out_total);
+        m.rtp_protected
+            .with_label_values(&["relay"])
+            .inc_by(out_total - by_str0m);
+        m.rtp_protected
+            .with_label_values(&["str0m"])
+            .inc_by(by_str0m);
         m.rtp_bytes_out.inc_by(std::mem::take(&mut self.bytes_out));
         m.udp_dropped
             .with_label_values(&["unrouted"])
@@ -448,6 +481,7 @@ impl Relay {
                 peer,
                 stream,
                 mut rtc,
+                keys,
                 mid,
                 events,
             } => {
@@ -455,7 +489,7 @@ impl Relay {
                     let _ = events.send(PeerEvent::Closed(peer, "stream ended"));
                     return;
                 };
-                let Some(leg) = receiver_leg(&mut rtc, mid) else {
+                let Some(leg) = receiver_leg(&mut rtc, mid, keys) else {
                     let _ = events.send(PeerEvent::Closed(peer, "no Opus audio negotiated"));
                     return;
                 };
@@ -503,6 +537,7 @@ impl Relay {
                 closing_since: None,
                 last_media: now,
                 addrs: Vec::new(),
+                media_to: None,
                 ufrag,
                 leg,
             },
@@ -647,6 +682,7 @@ impl Relay {
             tally
         };
         self.stats.packets_out += tally.sent;
+        self.stats.by_str0m += tally.by_str0m;
         self.stats.bytes_out += tally.sent * packet.payload_len() as u64;
         self.timers.extend(tally.timers);
         for id in tally.failed {
@@ -872,6 +908,11 @@ fn drain(peer: &mut Peer, fd: RawFd, out: &mut Outbox, forward: &mut Vec<RtpPack
                 return;
             }
             Ok(Output::Transmit(t)) => {
+                // STUN (first byte < 20) answers any candidate pair; DTLS and
+                // SRTCP go to the nominated one, where forwarded RTP goes too.
+                if t.contents.first().is_some_and(|b| *b >= 20) {
+                    peer.media_to = Some(t.destination);
+                }
                 out.push(fd, t.destination, t.contents.into());
             }
             Ok(Output::Event(ev)) => match ev {
@@ -922,15 +963,23 @@ fn drain(peer: &mut Peer, fd: RawFd, out: &mut Outbox, forward: &mut Vec<RtpPack
 
 /// The outgoing leg of a negotiated receiver peer: its audio m-line's SSRC and
 /// the Opus payload type its browser accepted.
-fn receiver_leg(rtc: &mut Rtc, mid: Mid) -> Option<Leg> {
+fn receiver_leg(rtc: &mut Rtc, mid: Mid, keys: KeySlot) -> Option<Leg> {
     let pt = negotiated_opus_pt(rtc, mid)?;
+    let exts = rtc.media(mid)?.remote_extmap();
+    let audio_level_id = exts.id_of(Extension::AudioLevel);
+    let mid_ext = exts.id_of(Extension::RtpMid).map(|id| (id, mid));
     let ssrc = rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+    // Below 2^15, so the first packet's index has a zero rollover counter.
     let seq_base = u64::from(rand::random::<u16>() & 0x7fff);
     Some(Leg {
         ssrc,
         pt,
+        audio_level_id,
+        mid_ext,
         seq_base,
         seq_offset: None,
+        keys,
+        srtp: None,
     })
 }
 

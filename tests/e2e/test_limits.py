@@ -634,6 +634,10 @@ def test_metrics_parse_and_match_health(server: RelayServer) -> None:
             dout = m2.get("voice_relay_rtp_packets_out_total") - o0
             assert 120 <= din <= 300, f"{din} RTP packets in over ~2 s from two senders"
             assert 200 <= dout <= 450, f"{dout} RTP packets out over ~2 s to three receivers"
+            # Once a receiver is connected, the relay protects its copies itself.
+            drelay = (m2.get("voice_relay_rtp_protected_total", by="relay")
+                      - m.get("voice_relay_rtp_protected_total", by="relay"))
+            assert drelay == dout, f"{drelay} of {dout} copies protected by the relay"
         finally:
             await mp3.close()
 

@@ -115,6 +115,34 @@ def test_one_sender_two_receivers(server: RelayServer) -> None:
     relay(server, body)
 
 
+@pytest.mark.parametrize("profile", ["SRTP_AES128_CM_SHA1_80", "SRTP_AEAD_AES_128_GCM",
+                                     "SRTP_AEAD_AES_256_GCM"])
+def test_each_srtp_profile_carries_audio(server: RelayServer, profile: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay SRTP-protects forwarded copies itself, with keys from each receiver's DTLS
+    handshake: a receiver whose DTLS offers only one SRTP profile hears the tone under each."""
+    import aiortc.rtcdtlstransport as dtls
+
+    only = [p for p in dtls.SRTP_PROFILES if p.openssl_profile.decode() == profile]
+    assert only, f"this aiortc/libsrtp build lacks {profile}"
+    monkeypatch.setattr(dtls, "SRTP_PROFILES", only)
+
+    async def body(c: Clients) -> None:
+        snd = await c.sender(660)
+        rx = await c.receiver(snd.stream_id, name="rx")
+        await rx.wait_audio(3.0)
+        t = time.monotonic()
+        await rx.sink.wait_more(2.0, 6)
+        got = rx.sink.frames_since(t)
+        assert got >= 90, f"only {got} frames in ~2 s"
+        assert_tone(rx, 660, min_purity=0.8)
+        dtls_transport = rx.pc.getTransceivers()[0].receiver.transport
+        used = dtls_transport._ssl.get_selected_srtp_profile()
+        assert used == profile.encode(), f"DTLS selected {used!r}"
+
+    relay(server, body)
+
+
 def test_two_streams_are_isolated(server: RelayServer) -> None:
     async def body(c: Clients) -> None:
         a = await c.sender(440)
