@@ -20,6 +20,7 @@ pub struct Metrics {
     pub rtp_packets_out: IntCounter,
     pub rtp_bytes_out: IntCounter,
     pub rtp_protected: IntCounterVec,
+    pub forward_latency: Histogram,
     pub udp_datagrams_sent: IntCounter,
     pub udp_dropped: IntCounterVec,
     pub peers_connected: IntCounterVec,
@@ -78,6 +79,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "rtp_protected_total",
             "Forwarded RTP packets by who SRTP-protected them: the relay, or str0m before a receiver's keys were known",
             "by",
+        )?,
+        forward_latency: histogram(
+            "forward_latency_seconds",
+            "Latency the relay adds to each forwarded RTP copy: from the sender packet reaching the media socket (kernel receive timestamp) to the kernel taking the copy",
+            vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.02,
+                0.03, 0.05, 0.1, 0.25,
+            ],
         )?,
         udp_datagrams_sent: counter("udp_datagrams_sent_total", "UDP datagrams sent")?,
         udp_dropped: counter_vec(

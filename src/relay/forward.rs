@@ -32,7 +32,7 @@ use super::srtp::{tapped_provider, SrtpTx};
 use super::{contained, drain, schedule, Leg, Peer, PeerId};
 
 /// Receivers per thread below which a stream is not split.
-const MIN_PER_WORKER: usize = 256;
+const MIN_PER_WORKER: usize = 128;
 
 /// How many threads may forward one packet: `configured`, or with 0 the
 /// cores available, at most 4.
@@ -55,25 +55,26 @@ pub fn chunks_for(receivers: usize, workers: usize) -> usize {
 pub struct Packet {
     seq_in: i64,
     rtp_time: u32,
-    wallclock: Instant,
     marker: bool,
     audio_level: Option<i8>,
     voice_activity: Option<bool>,
     payload: Arc<[u8]>,
+    /// When the sender's datagram reached the media socket.
+    arrived: Instant,
     /// One clock reading for the whole fan-out.
     now: Instant,
 }
 
 impl Packet {
-    pub fn new(pkt: &RtpPacket, now: Instant) -> Self {
+    pub fn new(pkt: &RtpPacket, arrived: Instant, now: Instant) -> Self {
         Packet {
             seq_in: *pkt.seq_no as i64,
             rtp_time: pkt.header.timestamp,
-            wallclock: pkt.timestamp,
             marker: pkt.header.marker,
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
             payload: pkt.payload.clone(),
+            arrived,
             now,
         }
     }
@@ -203,7 +204,7 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
     if let (Some(dest), Some(_)) = (peer.media_to, leg.srtp.as_ref()) {
         return match protect(leg, pkt, seq_out as u64) {
             Ok(datagram) => {
-                out.push(fd, dest, datagram);
+                out.push_forward(fd, dest, datagram, pkt.arrived);
                 Outcome::Sent
             }
             Err(e) => {
@@ -290,7 +291,7 @@ fn rtp_write(pkt: &Packet, pt: Pt, seq_out: u64) -> RtpWrite {
         pt,
         seq_out.into(),
         pkt.rtp_time,
-        pkt.wallclock,
+        pkt.arrived,
         pkt.payload.clone(),
     )
     .marker(pkt.marker)

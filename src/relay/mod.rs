@@ -13,6 +13,7 @@
 //! over with a [`Command`]; the relay reports back with [`PeerEvent`]s.
 
 mod forward;
+mod inbox;
 mod outbox;
 mod srtp;
 
@@ -206,6 +207,9 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
     let std_socket = std::net::UdpSocket::bind(config.bind)?;
     std_socket.set_nonblocking(true)?;
     set_buffer_sizes(&std_socket);
+    if let Err(e) = inbox::enable_timestamps(std_socket.as_raw_fd()) {
+        tracing::warn!(error = %e, "no kernel receive timestamps: latency is measured from our read");
+    }
     let mut socket = UdpSocket::from_std(std_socket);
     let poll = Poll::new()?;
     poll.registry()
@@ -365,6 +369,7 @@ impl Stats {
         m.udp_dropped
             .with_label_values(&["send_failed"])
             .inc_by(out.dropped.saturating_sub(self.published_dropped));
+        out.publish_latency();
         self.published_sent = out.sent;
         self.published_dropped = out.dropped;
     }
@@ -499,7 +504,7 @@ impl Relay {
             Command::RemoteCandidate { peer, candidate } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.rtc.add_remote_candidate(candidate);
-                    self.drain_peer(peer);
+                    self.drain_peer(peer, None);
                 }
             }
             Command::ClosePeer { peer } => self.close_peer(peer, "closed by client"),
@@ -542,9 +547,9 @@ impl Relay {
                 leg,
             },
         );
-        self.drain_peer(id);
+        self.drain_peer(id, None);
         for (source, data) in early {
-            self.handle_datagram(source, &data);
+            self.handle_datagram(source, &data, now);
         }
     }
 
@@ -577,7 +582,7 @@ impl Relay {
 
     fn read_socket(&mut self, buf: &mut [u8]) {
         for _ in 0..READ_BATCH {
-            let (n, source) = match self.socket.recv_from(buf) {
+            let (n, source, arrived) = match inbox::recv(self.fd, buf) {
                 Ok(v) => v,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -587,7 +592,7 @@ impl Relay {
                     continue;
                 }
             };
-            self.handle_datagram(source, &buf[..n]);
+            self.handle_datagram(source, &buf[..n], arrived);
         }
         // More may be waiting: make sure we come back without sleeping.
         let _ = self
@@ -596,8 +601,9 @@ impl Relay {
             .reregister(&mut self.socket, SOCKET, Interest::READABLE);
     }
 
-    /// Hands one datagram to the peer it belongs to.
-    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8]) {
+    /// Hands one datagram, which reached the socket at `arrived`, to the peer
+    /// it belongs to.
+    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], arrived: Instant) {
         let Some(id) = self.route(source, data) else {
             self.stats.unrouted += 1;
             return;
@@ -625,13 +631,14 @@ impl Relay {
             self.close_peer(id, "peer failed");
             return;
         }
-        self.drain_peer(id);
+        self.drain_peer(id, Some(arrived));
         self.out.flush(self.fd);
     }
 
     /// Polls one peer until it has nothing more to say, sending what it
-    /// transmits and handling its events; then forwards any RTP it produced.
-    fn drain_peer(&mut self, id: PeerId) {
+    /// transmits and handling its events; then forwards any RTP it produced
+    /// (which arrived at `arrived`, if known).
+    fn drain_peer(&mut self, id: PeerId, arrived: Option<Instant>) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -644,14 +651,15 @@ impl Relay {
         let stream = peer.stream.clone();
         let mut packets = std::mem::take(&mut self.forward);
         for pkt in packets.drain(..) {
-            self.forward_packet(&stream, pkt);
+            let at = arrived.unwrap_or(pkt.timestamp);
+            self.forward_packet(&stream, pkt, at);
         }
         self.forward = packets;
     }
 
     /// Sends one sender packet to every connected receiver of the stream and
     /// to its MP3 pipeline.
-    fn forward_packet(&mut self, stream: &Arc<str>, pkt: RtpPacket) {
+    fn forward_packet(&mut self, stream: &Arc<str>, pkt: RtpPacket, arrived: Instant) {
         let Some(entry) = self.streams.get(stream) else {
             return;
         };
@@ -660,7 +668,7 @@ impl Relay {
         }
         self.stats.packets_in += 1;
         self.stats.bytes_in += pkt.payload.len() as u64;
-        let packet = forward::Packet::new(&pkt, Instant::now());
+        let packet = forward::Packet::new(&pkt, arrived, Instant::now());
         let (fd, out) = (self.fd, &mut self.out);
         let chunks = forward::chunks_for(entry.receivers.len(), self.workers);
         let tally = if chunks > 1 {
@@ -711,7 +719,7 @@ impl Relay {
                 self.close_peer(id, "peer failed");
                 continue;
             }
-            self.drain_peer(id);
+            self.drain_peer(id, None);
         }
         self.out.flush(self.fd);
     }

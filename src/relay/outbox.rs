@@ -1,19 +1,29 @@
 //! Outgoing datagrams of the relay, batched: one `sendmmsg(2)` call sends up
 //! to [`BATCH`] datagrams, so forwarding one packet to a thousand receivers
 //! costs a few dozen syscalls instead of a thousand.
+//!
+//! A forwarded copy carries the instant its sender packet arrived; when the
+//! kernel takes the copy, the time since then is the latency the relay added,
+//! recorded in a thread-local histogram merged into `/metrics`.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::time::Instant;
+
+use prometheus::local::LocalHistogram;
+
+use crate::metrics::metrics;
 
 /// Datagrams per `sendmmsg` call.
 pub const BATCH: usize = 64;
 /// Bound on queued datagrams; beyond it the oldest batch is flushed at once.
 const MAX_QUEUED: usize = 4 * BATCH;
 
-#[derive(Default)]
 pub struct Outbox {
-    queue: Vec<(SocketAddr, Vec<u8>)>,
+    queue: Vec<Datagram>,
+    /// Relay-added latency of forwarded copies (merged on `publish` / drop).
+    latency: LocalHistogram,
     /// Datagrams the kernel refused (buffer full or an unreachable peer).
     pub dropped: u64,
     /// Datagrams sent.
@@ -22,12 +32,46 @@ pub struct Outbox {
     pub calls: u64,
 }
 
+struct Datagram {
+    to: SocketAddr,
+    data: Vec<u8>,
+    /// For a forwarded copy: when its sender packet reached our socket.
+    arrived: Option<Instant>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            queue: Vec::new(),
+            latency: metrics().forward_latency.local(),
+            dropped: 0,
+            sent: 0,
+            calls: 0,
+        }
+    }
+}
+
 impl Outbox {
+    /// Queues a datagram of str0m's (STUN, DTLS, SRTCP).
     pub fn push(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>) {
-        self.queue.push((to, data));
+        self.enqueue(fd, to, data, None);
+    }
+
+    /// Queues a forwarded copy of a sender packet that arrived at `arrived`.
+    pub fn push_forward(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>, arrived: Instant) {
+        self.enqueue(fd, to, data, Some(arrived));
+    }
+
+    fn enqueue(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>, arrived: Option<Instant>) {
+        self.queue.push(Datagram { to, data, arrived });
         if self.queue.len() >= MAX_QUEUED {
             self.flush(fd);
         }
+    }
+
+    /// Merges the latency observations into the shared histogram.
+    pub fn publish_latency(&self) {
+        self.latency.flush();
     }
 
     /// Adds the counters of another (flushed) outbox on the same socket.
@@ -53,6 +97,13 @@ impl Outbox {
                     start += 1;
                 }
                 Ok(n) => {
+                    let now = Instant::now();
+                    for d in &self.queue[start..start + n] {
+                        if let Some(t) = d.arrived {
+                            self.latency
+                                .observe(now.saturating_duration_since(t).as_secs_f64());
+                        }
+                    }
                     self.sent += n as u64;
                     start += n;
                 }
@@ -60,7 +111,7 @@ impl Outbox {
                 Err(e) => {
                     // The first datagram of the batch failed (EAGAIN, or an
                     // error about that one destination): drop it, go on.
-                    tracing::trace!(error = %e, to = %self.queue[start].0, "udp send failed");
+                    tracing::trace!(error = %e, to = %self.queue[start].to, "udp send failed");
                     self.dropped += 1;
                     start += 1;
                 }
@@ -72,7 +123,7 @@ impl Outbox {
 }
 
 /// One `sendmmsg` call for up to [`BATCH`] datagrams; returns how many went.
-fn send_batch(fd: RawFd, items: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize> {
+fn send_batch(fd: RawFd, items: &[Datagram]) -> io::Result<usize> {
     let n = items.len().min(BATCH);
     // SAFETY: zeroed sockaddr_storage / iovec / mmsghdr are valid "empty"
     // values; every pointer stored below points into `items`, `addrs` or
@@ -81,7 +132,7 @@ fn send_batch(fd: RawFd, items: &[(SocketAddr, Vec<u8>)]) -> io::Result<usize> {
         let mut addrs: [libc::sockaddr_storage; BATCH] = std::mem::zeroed();
         let mut iovs: [libc::iovec; BATCH] = std::mem::zeroed();
         let mut msgs: [libc::mmsghdr; BATCH] = std::mem::zeroed();
-        for (i, (to, data)) in items[..n].iter().enumerate() {
+        for (i, Datagram { to, data, .. }) in items[..n].iter().enumerate() {
             let len = write_sockaddr(to, &mut addrs[i]);
             iovs[i].iov_base = data.as_ptr() as *mut libc::c_void;
             iovs[i].iov_len = data.len();

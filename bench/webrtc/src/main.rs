@@ -10,6 +10,7 @@
 #![recursion_limit = "256"]
 
 mod client;
+mod histogram;
 mod media;
 mod procstat;
 
@@ -518,7 +519,9 @@ async fn ramp(
         let srv0 = server_pid.and_then(procstat::snap);
         let gen0 = procstat::snap(std::process::id());
         let sys0 = procstat::sys_snap();
+        let hist0 = histogram::scrape(addr).await;
         tokio::time::sleep(Duration::from_secs(args.measure_secs)).await;
+        let hist1 = histogram::scrape(addr).await;
         let srv1 = server_pid.and_then(procstat::snap);
         let gen1 = procstat::snap(std::process::id());
         let sys1 = procstat::sys_snap();
@@ -648,14 +651,24 @@ async fn ramp(
             _ => None,
         };
         let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+        // The server's own histogram over the window (same packets, measured
+        // inside the server: no loopback delivery, no generator in it).
+        let relay_hist = match (&hist0, &hist1) {
+            (Some(a), Some(b)) => Some(b.since(a)),
+            _ => None,
+        };
+        let relay_pct = |p: f64| relay_hist.as_ref().and_then(|h| h.percentile_ms(p));
+        let (relay_p50, relay_p99) = (relay_pct(50.0), relay_pct(99.0));
         table.push(format!(
-            "| {target} | {} {clean}/{target} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {target} | {} {clean}/{target} | {} | {} | {} | {} | {} | {} / {} | {} | {} / {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |",
             if step_clean { "yes" } else { "NO" },
             fmt_ms(loss_pct),
             fmt_ms(max_gap_ms),
             fmt_ms(p50),
             fmt_ms(p99),
             fmt_ms(pmax),
+            opt(relay_p50, &|v| format!("{v:.2}")),
+            opt(relay_p99, &|v| format!("{v:.2}")),
             if join_rate.is_nan() { "-".into() } else { format!("{join_rate:.0}") },
             fmt_ms(percentile_ms(&offer_us, 50.0)),
             fmt_ms(percentile_ms(&offer_us, 99.0)),
@@ -694,6 +707,9 @@ async fn ramp(
             "latency_ms_p50": p50,
             "latency_ms_p99": p99,
             "latency_ms_max": pmax,
+            "relay_latency_ms_p50": relay_p50,
+            "relay_latency_ms_p99": relay_p99,
+            "relay_latency_samples": relay_hist.as_ref().map(|h| h.count()),
             "duplicates": dups,
             "bad_payload_type": bad_pt,
             "bad_payload": bad_payload,
@@ -741,12 +757,14 @@ async fn ramp(
     );
     println!(
         "Streams: {}; receivers kept across steps (cumulative); window {} s; \
-         latency = server-added latency (upper bound: includes loopback and the generator)",
+         latency = sender send → receiver arrival on the generator's clock (upper bound of \
+         what the server adds: includes loopback and the generator); server-side latency = \
+         the server's histogram, sender packet's kernel receive timestamp → kernel took the copy",
         args.streams, args.measure_secs
     );
     println!();
-    println!("| receivers | clean | loss % | max gap ms | latency p50 ms | latency p99 ms | latency max ms | join rate /s | offer p50/p99 ms | connect p50/p99 ms | server CPU % of 1 core | server hottest thread % | server RSS MB | RSS per receiver KB | generator CPU % | generator hottest thread % | other processes CPU % |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| receivers | clean | loss % | max gap ms | latency p50 ms | latency p99 ms | latency max ms | server-side latency p50 / p99 ms | join rate /s | offer p50/p99 ms | connect p50/p99 ms | server CPU % of 1 core | server hottest thread % | server RSS MB | RSS per receiver KB | generator CPU % | generator hottest thread % | other processes CPU % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for line in &table {
         println!("{line}");
     }
