@@ -85,7 +85,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Latency the relay adds to each forwarded RTP copy: from the sender packet reaching the media socket (kernel receive timestamp) to the kernel taking the copy",
             vec![
                 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.02,
-                0.03, 0.05, 0.1, 0.25,
+                0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
         )?,
         udp_datagrams_sent: counter("udp_datagrams_sent_total", "UDP datagrams sent")?,

@@ -303,7 +303,11 @@ struct Leg {
 
 struct Peer {
     id: PeerId,
-    rtc: Rtc,
+    /// Boxed as signalling built it: an `Rtc` is ~10 KB inline, and the peer
+    /// map stores `Peer`s in its table. Inline, every table slot (used or not,
+    /// up to twice the peer count) was that size, a resize briefly held two
+    /// such tables, and moved every peer's 10 KB on the media thread.
+    rtc: Box<Rtc>,
     role: Role,
     stream: Arc<str>,
     events: PeerEvents,
@@ -480,7 +484,7 @@ impl Relay {
                     });
                 entry.sender = Some(peer);
                 entry.mp3 = mp3;
-                self.insert_peer(peer, *rtc, Role::Sender, stream, events, None);
+                self.insert_peer(peer, rtc, Role::Sender, stream, events, None);
             }
             Command::AddReceiver {
                 peer,
@@ -499,7 +503,7 @@ impl Relay {
                     return;
                 };
                 entry.receivers.push(peer);
-                self.insert_peer(peer, *rtc, Role::Receiver, stream, events, Some(leg));
+                self.insert_peer(peer, rtc, Role::Receiver, stream, events, Some(leg));
             }
             Command::RemoteCandidate { peer, candidate } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -516,7 +520,7 @@ impl Relay {
     fn insert_peer(
         &mut self,
         id: PeerId,
-        mut rtc: Rtc,
+        mut rtc: Box<Rtc>,
         role: Role,
         stream: Arc<str>,
         events: PeerEvents,

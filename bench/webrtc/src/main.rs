@@ -194,6 +194,16 @@ fn spawn_server(bin: &PathBuf, log: &PathBuf, extra: &[String]) -> Result<(Spawn
     }
 }
 
+/// A server-side latency percentile; beyond the last finite bucket it is
+/// only known to be above it.
+fn fmt_relay_ms(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "> 2500".into()
+    }
+}
+
 /// GET /health as JSON.
 async fn health(addr: SocketAddr) -> Option<Value> {
     let get = async {
@@ -667,8 +677,8 @@ async fn ramp(
             fmt_ms(p50),
             fmt_ms(p99),
             fmt_ms(pmax),
-            opt(relay_p50, &|v| format!("{v:.2}")),
-            opt(relay_p99, &|v| format!("{v:.2}")),
+            opt(relay_p50, &fmt_relay_ms),
+            opt(relay_p99, &fmt_relay_ms),
             if join_rate.is_nan() { "-".into() } else { format!("{join_rate:.0}") },
             fmt_ms(percentile_ms(&offer_us, 50.0)),
             fmt_ms(percentile_ms(&offer_us, 99.0)),
