@@ -42,7 +42,7 @@ pub struct Config {
     pub handshake_timeout_secs: u64,
 
     /// Threads that forward one packet of a stream with many receivers
-    /// (at least 256 per thread); 0 = one per CPU core, at most 4.
+    /// (at least 128 per thread); 0 = one per CPU core, at most 4.
     #[arg(long, env = "VOICE_RELAY_FORWARD_THREADS", default_value_t = 0)]
     pub forward_threads: usize,
 
