@@ -58,6 +58,14 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// How long a closing peer may take to flush its RTCP BYE and DTLS close_notify.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// A receiver's first sequence number is random in `FIRST_SEQ_MIN ..
+/// FIRST_SEQ_MIN + FIRST_SEQ_SPREAD`: below 2^16, so its first SRTP index has
+/// a zero rollover counter (a browser cannot be told another one), but close
+/// enough to the wrap that every receiver's counter rolls over within its
+/// first 0.3-5 s. The rollover path is then exercised by every session (and
+/// every test) instead of first after ~20 minutes of one.
+const FIRST_SEQ_MIN: u16 = 0xff00;
+const FIRST_SEQ_SPREAD: u16 = 0xf0;
 /// Nice value asked for the relay thread (see [`raise_priority`]).
 const RELAY_NICE: libc::c_int = -10;
 /// Outgoing packets a receiver peer holds (str0m's default is 50): each is
@@ -1002,8 +1010,7 @@ fn receiver_leg(rtc: &mut Rtc, mid: Mid, keys: KeySlot) -> Option<Leg> {
     let audio_level_id = exts.id_of(Extension::AudioLevel);
     let mid_ext = exts.id_of(Extension::RtpMid).map(|id| (id, mid));
     let ssrc = rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
-    // Below 2^15, so the first packet's index has a zero rollover counter.
-    let seq_base = u64::from(rand::random::<u16>() & 0x7fff);
+    let seq_base = u64::from(FIRST_SEQ_MIN + rand::random::<u16>() % FIRST_SEQ_SPREAD);
     Some(Leg {
         ssrc,
         pt,
