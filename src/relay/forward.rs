@@ -202,15 +202,20 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
         }
     }
     if let (Some(dest), Some(_)) = (peer.media_to, leg.srtp.as_ref()) {
-        return match protect(leg, pkt, seq_out as u64) {
-            Ok(datagram) => {
+        // Contained like str0m's calls: a panic drops this peer, not the relay.
+        let sealed = contained(peer, |p| {
+            p.leg.as_mut().map(|leg| protect(leg, pkt, seq_out as u64))
+        });
+        return match sealed {
+            Some(Some(Ok(datagram))) => {
                 out.push_forward(fd, dest, datagram, pkt.arrived);
                 Outcome::Sent
             }
-            Err(e) => {
+            Some(Some(Err(e))) => {
                 tracing::debug!(peer = peer.id, error = %e, "srtp protect failed");
                 Outcome::Failed
             }
+            Some(None) | None => Outcome::Failed,
         };
     }
     let (ssrc, pt) = (leg.ssrc, leg.pt);

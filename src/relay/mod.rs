@@ -68,8 +68,9 @@ const FIRST_SEQ_MIN: u16 = 0xff00;
 const FIRST_SEQ_SPREAD: u16 = 0xf0;
 /// Nice value asked for the relay thread (see [`raise_priority`]).
 const RELAY_NICE: libc::c_int = -10;
-/// Outgoing packets a receiver peer holds (str0m's default is 50): each is
-/// written and sent in the same pass, and audio is never retransmitted.
+/// Outgoing packets a receiver peer's str0m holds (its default is 50): str0m
+/// sends a copy only while the peer's SRTP keys are not tapped yet, in the
+/// same pass as it is written, and audio is never retransmitted.
 const RECEIVER_SEND_BUFFER: usize = 8;
 
 /// What the relay tells the connection that owns a peer.
