@@ -15,7 +15,7 @@
 mod forward;
 mod inbox;
 mod outbox;
-mod srtp;
+pub mod srtp;
 
 pub use srtp::KeySlot;
 

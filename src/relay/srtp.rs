@@ -110,12 +110,9 @@ impl DtlsInstance for TapInstance {
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
         let out = self.inner.poll_output(buf);
         if let DtlsOutput::KeyingMaterial(material, profile) = &out {
-            let keys = Keys {
-                material: material.to_vec(),
-                profile: *profile,
-                client: self.inner.is_active(),
-            };
-            let _ = self.slot.set(keys);
+            let _ = self
+                .slot
+                .set(Keys::new(material, *profile, self.inner.is_active()));
         }
         out
     }
@@ -269,6 +266,16 @@ impl SrtpTx {
 }
 
 impl Keys {
+    /// Keys from exported DTLS-SRTP material (client key, server key, client
+    /// salt, server salt); `client` if we were the DTLS client.
+    pub fn new(material: &[u8], profile: SrtpProfile, client: bool) -> Keys {
+        Keys {
+            material: material.to_vec(),
+            profile,
+            client,
+        }
+    }
+
     pub fn profile(&self) -> SrtpProfile {
         self.profile
     }
