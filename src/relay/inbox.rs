@@ -8,7 +8,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Asks the kernel to stamp every datagram received on `fd`.
+/// Asks the kernel to stamp every datagram received on `fd`. The first socket
+/// of the system to ask turns stamping on asynchronously: datagrams in the
+/// first moments may be stamped when read instead.
 pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt on a valid fd with a pointer to a live c_int.
@@ -116,6 +118,9 @@ mod tests {
     fn receives_with_source_and_kernel_time() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         enable_timestamps(rx.as_raw_fd()).unwrap();
+        // The first socket to ask makes the kernel turn receive stamping on
+        // from a work queue; until then it stamps a datagram when it is read.
+        std::thread::sleep(Duration::from_millis(200));
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let before = Instant::now();
         tx.send_to(b"hello", rx.local_addr().unwrap()).unwrap();
