@@ -1,36 +1,14 @@
 //! The server's own view of the latency it adds: its Prometheus histogram
 //! `voice_relay_forward_latency_seconds` (from the sender packet's kernel
-//! receive timestamp to the kernel taking each forwarded copy), read from
-//! `/metrics` before and after a window and turned into percentiles.
-
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! receive timestamp to the kernel taking each forwarded copy), parsed from
+//! `/metrics` text taken before and after a window and turned into
+//! percentiles.
 
 const NAME: &str = "voice_relay_forward_latency_seconds_bucket";
 
 /// Cumulative bucket counts: (upper bound in seconds, count), ascending.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Buckets(Vec<(f64, f64)>);
-
-/// Reads the histogram from the server's `/metrics`; `None` if the server
-/// does not expose it (an older build) or cannot be reached.
-pub async fn scrape(addr: SocketAddr) -> Option<Buckets> {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        parse(text.split_once("\r\n\r\n")?.1)
-    };
-    tokio::time::timeout(Duration::from_secs(3), get)
-        .await
-        .ok()?
-}
 
 /// The buckets of the histogram in a Prometheus text exposition.
 pub fn parse(text: &str) -> Option<Buckets> {

@@ -206,20 +206,28 @@ fn fmt_relay_ms(v: f64) -> String {
 
 /// GET /health as JSON.
 async fn health(addr: SocketAddr) -> Option<Value> {
+    serde_json::from_str(&http_get(addr, "/health").await?).ok()
+}
+
+/// The body of `GET path` on the server (HTTP/1.0, 3 s at most).
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let get = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
+        let head = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
-        let body = text.split_once("\r\n\r\n")?.1;
-        serde_json::from_str(body).ok()
+        Some(text.split_once("\r\n\r\n")?.1.to_string())
     };
     tokio::time::timeout(Duration::from_secs(3), get)
         .await
         .ok()?
+}
+
+/// The server's forward-latency histogram, if it exposes one.
+async fn relay_latency(addr: SocketAddr) -> Option<histogram::Buckets> {
+    histogram::parse(&http_get(addr, "/metrics").await?)
 }
 
 /// A 440 Hz tone with a slow swell, 20 ms Opus frames at 32 kbit/s.
@@ -529,9 +537,9 @@ async fn ramp(
         let srv0 = server_pid.and_then(procstat::snap);
         let gen0 = procstat::snap(std::process::id());
         let sys0 = procstat::sys_snap();
-        let hist0 = histogram::scrape(addr).await;
+        let hist0 = relay_latency(addr).await;
         tokio::time::sleep(Duration::from_secs(args.measure_secs)).await;
-        let hist1 = histogram::scrape(addr).await;
+        let hist1 = relay_latency(addr).await;
         let srv1 = server_pid.and_then(procstat::snap);
         let gen1 = procstat::snap(std::process::id());
         let sys1 = procstat::sys_snap();
