@@ -204,7 +204,9 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
     if let (Some(dest), Some(_)) = (peer.media_to, leg.srtp.as_ref()) {
         // Contained like str0m's calls: a panic drops this peer, not the relay.
         let sealed = contained(peer, |p| {
-            p.leg.as_mut().map(|leg| protect(leg, pkt, seq_out as u64))
+            p.leg
+                .as_mut()
+                .and_then(|leg| protect(leg, pkt, seq_out as u64))
         });
         return match sealed {
             Some(Some(Ok(datagram))) => {
@@ -215,6 +217,8 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
                 tracing::debug!(peer = peer.id, error = %e, "srtp protect failed");
                 Outcome::Failed
             }
+            // Some(None) cannot happen (leg and keys checked above); None is a
+            // contained panic.
             Some(None) | None => Outcome::Failed,
         };
     }
@@ -231,16 +235,19 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
     }
 }
 
-/// The SRTP datagram of `pkt` for one receiver; `index` is its extended
-/// sequence number in the receiver's sequence space.
-fn protect(leg: &mut Leg, pkt: &Packet, index: u64) -> Result<Vec<u8>, str0m::crypto::CryptoError> {
+/// The SRTP datagram of `pkt` for one receiver (`None` before its keys are
+/// known); `index` is its extended sequence number in the receiver's
+/// sequence space.
+fn protect(
+    leg: &mut Leg,
+    pkt: &Packet,
+    index: u64,
+) -> Option<Result<Vec<u8>, str0m::crypto::CryptoError>> {
     let mut header = [0u8; MAX_HEADER];
     let len = write_header(&mut header, leg, pkt, index as u16);
     let ssrc = *leg.ssrc;
-    let Some(tx) = leg.srtp.as_mut() else {
-        return Err(str0m::crypto::CryptoError::Other("no SRTP keys".into()));
-    };
-    tx.protect(&header[..len], &pkt.payload, ssrc, index)
+    let tx = leg.srtp.as_mut()?;
+    Some(tx.protect(&header[..len], &pkt.payload, ssrc, index))
 }
 
 /// Fixed header (12) + extension header (4) + audio level (2) + MID (1 + 16),

@@ -20,7 +20,7 @@ use str0m::crypto::dtls::{
 };
 use str0m::crypto::{
     AeadAes128Gcm, AeadAes128GcmCipher, AeadAes256Gcm, AeadAes256GcmCipher, Aes128CmSha1_80,
-    Aes128CmSha1_80Cipher, CryptoError, CryptoProvider, SrtpProvider,
+    Aes128CmSha1_80Cipher, CryptoError, CryptoProvider, Sha1HmacProvider, SrtpProvider,
 };
 use str0m::{Rtc, RtcConfig};
 
@@ -161,7 +161,7 @@ enum Cipher {
         aes: Box<dyn Aes128CmSha1_80Cipher>,
         salt: [u8; 14],
         auth: [u8; 20],
-        provider: Arc<CryptoProvider>,
+        hmac: &'static dyn Sha1HmacProvider,
     },
     Gcm128 {
         aead: Box<dyn AeadAes128GcmCipher>,
@@ -175,7 +175,7 @@ enum Cipher {
 
 impl SrtpTx {
     /// The outbound context for `keys`, or `None` for a profile we do not know.
-    pub fn new(keys: &Keys, provider: &Arc<CryptoProvider>) -> Option<SrtpTx> {
+    pub fn new(keys: &Keys, provider: &CryptoProvider) -> Option<SrtpTx> {
         let srtp = provider.srtp_provider;
         let cipher = match keys.profile {
             SrtpProfile::AES128_CM_SHA1_80 => {
@@ -187,7 +187,7 @@ impl SrtpTx {
                         .create_cipher(kdf.derive(LABEL_RTP_ENCRYPTION), true),
                     salt: kdf.derive(LABEL_RTP_SALT),
                     auth: kdf.derive(LABEL_RTP_AUTH),
-                    provider: provider.clone(),
+                    hmac: provider.sha1_hmac_provider,
                 }
             }
             SrtpProfile::AEAD_AES_128_GCM => {
@@ -231,7 +231,7 @@ impl SrtpTx {
                 aes,
                 salt,
                 auth,
-                provider,
+                hmac,
             } => {
                 // The CTR cipher wants room past the payload; the tag uses it.
                 let tag = Aes128CmSha1_80::HMAC_TAG_LEN;
@@ -240,9 +240,7 @@ impl SrtpTx {
                 let iv = Aes128CmSha1_80::rtp_iv(*salt, ssrc, index);
                 aes.encrypt(&iv, payload, &mut out[hlen..])?;
                 let end = hlen + payload.len();
-                let mac = provider
-                    .sha1_hmac_provider
-                    .sha1_hmac(auth, &[&out[..end], &roc.to_be_bytes()]);
+                let mac = hmac.sha1_hmac(auth, &[&out[..end], &roc.to_be_bytes()]);
                 out[end..end + tag].copy_from_slice(&mac[..tag]);
                 out.truncate(end + tag);
                 Ok(out)
