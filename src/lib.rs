@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mp3;
+pub mod priority;
 pub mod registry;
 pub mod relay;
 pub mod signalling;

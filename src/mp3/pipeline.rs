@@ -27,7 +27,7 @@ pub(crate) fn run(
     mut encoder: Mp3Encode,
     fanout: Arc<Fanout>,
 ) {
-    lower_priority();
+    crate::priority::for_mp3_pipeline();
     let closer = CloseOnDrop(Arc::clone(&fanout));
     tracing::debug!(stream_id = fanout.stream_id(), "mp3 pipeline started");
     let max_batches = fanout.max_batches_per_packet();
@@ -58,15 +58,5 @@ fn publish(fanout: &Fanout, pending: &mut Vec<Batch>, max_batches: usize) {
     }
     for batch in coalesce(std::mem::take(pending), max_batches) {
         fanout.publish(batch);
-    }
-}
-
-/// Encoding yields to the media relay: a late MP3 frame is buffered by every
-/// player, a late RTP packet is heard by every WebRTC receiver.
-fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread (Linux: nice is per thread).
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
     }
 }

@@ -12,22 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// of the system to ask turns stamping on asynchronously: datagrams in the
 /// first moments may be stamped when read instead.
 pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            &on as *const libc::c_int as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    super::set_socket_option(fd, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// Receives one datagram into `buf`: its length, source, and when the kernel

@@ -66,8 +66,6 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// every test) instead of first after ~20 minutes of one.
 const FIRST_SEQ_MIN: u16 = 0xff00;
 const FIRST_SEQ_SPREAD: u16 = 0xf0;
-/// Nice value asked for the relay thread (see [`raise_priority`]).
-const RELAY_NICE: libc::c_int = -10;
 /// Outgoing packets a receiver peer's str0m holds (its default is 50): str0m
 /// sends a copy only while the peer's SRTP keys are not tapped yet, in the
 /// same pass as it is written, and audio is never retransmitted.
@@ -275,19 +273,28 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
 }
 
 fn set_buffer_sizes(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size = SOCKET_BUFFER as libc::c_int;
     for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt on a valid fd with a pointer to a live c_int.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // The kernel caps the size; what it grants is good enough.
+        let _ = set_socket_option(socket.as_raw_fd(), opt, SOCKET_BUFFER as libc::c_int);
+    }
+}
+
+/// Sets one integer `SOL_SOCKET` option on `fd`.
+fn set_socket_option(fd: RawFd, opt: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -420,7 +427,7 @@ struct Relay {
 
 impl Relay {
     fn run(mut self) {
-        raise_priority();
+        crate::priority::for_media_relay();
         let mut events = Events::with_capacity(16);
         let mut buf = vec![0u8; 2048];
         let mut shutting_down: Option<Instant> = None;
@@ -890,24 +897,6 @@ impl EarlyStun {
         mine.into_iter()
             .map(|(_, _, src, data)| (src, data))
             .collect()
-    }
-}
-
-/// Forwarding is the one latency-critical job in the process: where the
-/// system allows it (root or CAP_SYS_NICE), the relay thread, and the
-/// forwarding threads it starts, run at nice -10 so that a busy host (our own
-/// MP3 encoders at nice 19, anything else at 0) delays audio less. Without
-/// the permission it stays at the default.
-fn raise_priority() {
-    // SAFETY: plain syscalls on the calling thread (Linux: nice is per thread).
-    let r = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, RELAY_NICE)
-    };
-    if r == 0 {
-        tracing::info!(nice = RELAY_NICE, "media relay thread priority raised");
-    } else {
-        tracing::info!(error = %std::io::Error::last_os_error(), "media relay thread keeps the default priority");
     }
 }
 
