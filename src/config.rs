@@ -14,6 +14,10 @@ use crate::access::Access;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "voice-relay", version, about)]
 pub struct Config {
+    /// What to do; without one, run the server.
+    #[command(subcommand)]
+    pub action: Option<Action>,
+
     /// Address for HTTP and WebSocket signalling.
     #[arg(long, env = "VOICE_RELAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -162,7 +166,28 @@ pub struct Config {
     pub mp3_wait_ms: u64,
 }
 
+/// What `voice-relay` does besides running the server.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Action {
+    /// Probe the running server (exit status 0 when healthy, 1 otherwise).
+    ///
+    /// GET /health on the --listen address (on 127.0.0.1 when it is 0.0.0.0;
+    /// over TLS, any certificate accepted, when TLS is configured). Reads the
+    /// same flags, environment and options file as the server:
+    /// `voice-relay [FLAGS] health`.
+    Health {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
+}
+
 impl Config {
+    /// Whether the main listener serves HTTPS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_self_signed
+    }
+
     /// The UDP address the media socket binds.
     pub fn rtc_bind(&self) -> SocketAddr {
         SocketAddr::new(

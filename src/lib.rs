@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod mp3;
 pub mod priority;
+pub mod probe;
 pub mod registry;
 pub mod relay;
 pub mod signalling;

@@ -11,9 +11,10 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
-use voice_relay::config::Config;
+use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
 use voice_relay::mp3::Mp3Config;
+use voice_relay::probe::Probe;
 use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig};
 use voice_relay::signalling::Signalling;
@@ -21,6 +22,9 @@ use voice_relay::tls;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Action::Health { timeout_secs }) = config.action {
+        health(&config, Duration::from_secs(timeout_secs.max(1)));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -157,6 +161,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// `voice-relay health`: probes the configured listener and exits 0 when
+/// healthy, 1 otherwise.
+fn health(config: &Config, timeout: Duration) -> ! {
+    let probe = Probe::new(config.listen, config.serves_tls(), timeout);
+    match probe.check() {
+        Ok(()) => {
+            println!("healthy: {}", probe.url());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {}: {e}", probe.url());
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Binds a TCP listener with a deep accept queue: thousands of MP3 listeners
