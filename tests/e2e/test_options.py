@@ -40,7 +40,7 @@ class OptionsRelay(RelayServer):
     def __init__(self, tmp_path: Path, options: dict[str, Any], ssl_dir: Path | None = None):
         super().__init__(tmp_path / "server.log")
         self.audio_port = free_port()
-        self.options = {"port": self.port, "audio_port": self.audio_port, **options}
+        self.options = {**options, "port": self.port, "audio_port": self.audio_port}
         self.options_file = tmp_path / "options.json"
         self.options_file.write_text(json.dumps(self.options))
         self.ssl_dir = ssl_dir
