@@ -65,20 +65,22 @@ pub fn configure(matches: &ArgMatches) -> Result<Configured, anyhow::Error> {
         problem: format!("cannot be read: {e}"),
     })?;
     let (options, unknown_keys) = AddonOptions::parse(&text).map_err(|e| e.in_file(&path))?;
-    let explicit = |id: &str| {
-        matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
     options
-        .apply(&mut config, &explicit, &path)
+        .apply(&mut config, &|id| given(matches, id), &path)
         .map_err(|e| e.in_file(&path))?;
     Ok(Configured {
         config,
         options_file: Some(path),
         unknown_keys,
     })
+}
+
+/// Whether the argument `id` was set by a flag or an environment variable.
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
 }
 
 /// An error before the file's path is attached.
@@ -492,15 +494,9 @@ mod tests {
         let path = dir.join("options.json");
         std::fs::write(&path, json).map_err(|e| e.to_string())?;
         let mut config = Config::from_arg_matches(&matches).map_err(|e| e.to_string())?;
-        let explicit = |id: &str| {
-            matches!(
-                matches.value_source(id),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            )
-        };
         let (options, _) = AddonOptions::parse(json).map_err(|e| e.in_file(&path).to_string())?;
         options
-            .apply(&mut config, &explicit, &path)
+            .apply(&mut config, &|id| given(&matches, id), &path)
             .map_err(|e| e.in_file(&path).to_string())?;
         Ok(config)
     }
@@ -508,6 +504,7 @@ mod tests {
     fn tmp(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("voice-relay-options-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
