@@ -163,9 +163,9 @@ impl AddonOptions {
                 }
                 "announce_ips" => o.announce_ips = Some(check("announce_ips", list(v, ip))?),
                 "tls_hostnames" => o.tls_hostnames = Some(check("tls_hostnames", list(v, text))?),
-                "token" => o.token = check("token", text(v))?.filter_empty(),
-                "send_token" => o.send_token = check("send_token", text(v))?.filter_empty(),
-                "listen_token" => o.listen_token = check("listen_token", text(v))?.filter_empty(),
+                "token" => o.token = check("token", secret(v))?.filter_empty(),
+                "send_token" => o.send_token = check("send_token", secret(v))?.filter_empty(),
+                "listen_token" => o.listen_token = check("listen_token", secret(v))?.filter_empty(),
                 "allowed_origins" => {
                     o.allowed_origins = Some(check("allowed_origins", list(v, text))?)
                 }
@@ -427,6 +427,19 @@ fn text(v: &Value) -> Result<String, String> {
         .ok_or_else(|| format!("must be a text, got {}", shown(v)))
 }
 
+/// A token: an error never shows the value, only its kind.
+fn secret(v: &Value) -> Result<String, String> {
+    let kind = match v {
+        Value::String(s) => return Ok(s.clone()),
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "true or false",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+        Value::Null => "null",
+    };
+    Err(format!("must be a text, got {kind}"))
+}
+
 fn integer(v: &Value, min: u64, max: u64) -> Result<u64, String> {
     v.as_u64()
         .filter(|n| (min..=max).contains(n))
@@ -592,9 +605,11 @@ mod tests {
             (r#"{"announce_ips": ["10.0.0.1", "ten"]}"#, "announce_ips"),
             (r#"{"trusted_proxies": "10.0.0.0/8"}"#, "trusted_proxies"),
             (r#"{"trusted_proxies": ["10.0.0.0/33"]}"#, "trusted_proxies"),
+            (r#"{"token": 98765}"#, "token"),
         ] {
             let err = configured(&[], json, &dir).unwrap_err();
             assert!(err.contains(&format!("option \"{key}\"")), "{json}: {err}");
+            assert!(!err.contains("98765"), "a token's value in an error: {err}");
         }
         let err = configured(&[], "[1, 2]", &dir).unwrap_err();
         assert!(err.contains("JSON object"), "{err}");
