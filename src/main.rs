@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::Config;
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
+use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig};
@@ -65,6 +66,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sender_idle: config.sender_idle(),
         handshake_timeout: config.handshake_timeout(),
         forward_threads: config.forward_threads,
+        liveness: Liveness::process().clone(),
     })
     .with_context(|| format!("binding the media socket udp/{rtc_bind}"))?;
 
@@ -125,8 +127,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
     }
 
+    // A thread the server needs died: shut down as on a signal, then exit
+    // non-zero so that a supervisor restarts the server.
+    let mut failure = None;
     tokio::select! {
         _ = shutdown_signal() => {}
+        reason = Liveness::process().failed() => failure = Some(reason),
         res = servers.join_next() => {
             // A server stopped on its own: that is an error.
             let _ = relay.send(Command::Shutdown);
@@ -155,6 +161,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Let MP3 writers send their listeners the end of the stream.
     let _ = tokio::task::spawn_blocking(|| voice_relay::mp3::wait_writers(Duration::from_secs(1)))
         .await;
+    if let Some(reason) = failure {
+        anyhow::bail!("{reason}");
+    }
     tracing::info!("bye");
     Ok(())
 }
