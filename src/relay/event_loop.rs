@@ -27,7 +27,7 @@ use super::handle::{Command, PeerEvent, PeerEvents, PeerId};
 use super::inbox;
 use super::leg::Leg;
 use super::outbox::Outbox;
-use super::peer::{Expiry, Peer, PeerKind, Timeouts, CLOSE_GRACE};
+use super::peer::{Expiry, Peer, PeerKind, Peers, Timeouts, CLOSE_GRACE};
 use super::routing::Routes;
 use super::timers::Timers;
 use crate::metrics::metrics;
@@ -58,7 +58,7 @@ pub(super) struct Relay {
     timers: Timers,
     /// The address str0m is told packets arrive on (our first host candidate).
     local_label: SocketAddr,
-    peers: HashMap<PeerId, Peer>,
+    peers: Peers,
     routes: Routes,
     streams: HashMap<Arc<str>, StreamPeers>,
     /// RTP packets from senders waiting to be forwarded (reused buffer).
@@ -88,7 +88,7 @@ impl Relay {
             out: Outbox::new(fd),
             timers: Timers::default(),
             local_label,
-            peers: HashMap::new(),
+            peers: Peers::default(),
             routes: Routes::default(),
             streams: HashMap::new(),
             forward: Vec::new(),
@@ -179,7 +179,7 @@ impl Relay {
                 self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events);
             }
             Command::RemoteCandidate { peer, candidate } => {
-                if let Some(p) = self.peers.get_mut(&peer) {
+                if let Some(p) = self.peers.get_mut(peer) {
                     p.rtc.add_remote_candidate(candidate);
                     self.drain_peer(peer, None);
                 }
@@ -225,7 +225,7 @@ impl Relay {
         let peer = Peer::new(id, rtc, kind, stream, events, ufrag, self.limits);
         tracing::debug!(peer = id, role = peer.role_name(), stream = %peer.stream, "peer added");
         let early = self.routes.add(&peer);
-        self.peers.insert(id, peer);
+        self.peers.insert(peer);
         self.drain_peer(id, None);
         let now = Instant::now();
         for (source, data) in early {
@@ -279,7 +279,7 @@ impl Relay {
 
     /// Feeds one input to a peer, then drains it (a failed peer is closed).
     fn input(&mut self, id: PeerId, input: Input, arrived: Option<Instant>) {
-        let Some(peer) = self.peers.get_mut(&id) else {
+        let Some(peer) = self.peers.get_mut(id) else {
             return;
         };
         match peer.contained(|p| p.rtc.handle_input(input)) {
@@ -297,7 +297,7 @@ impl Relay {
     /// transmits and handling its events; then forwards any RTP it produced
     /// (which arrived at `arrived`, if known).
     fn drain_peer(&mut self, id: PeerId, arrived: Option<Instant>) {
-        let Some(peer) = self.peers.get_mut(&id) else {
+        let Some(peer) = self.peers.get_mut(id) else {
             return;
         };
         let (out, forward) = (&mut self.out, &mut self.forward);
@@ -330,17 +330,13 @@ impl Relay {
         let chunks = self.pool.chunks_for(entry.receivers.len());
         let tally = if chunks > 1 {
             // Disjoint borrows of this stream's receivers, for the threads.
-            let mut peers: Vec<&mut Peer> = self
-                .peers
-                .values_mut()
-                .filter(|p| !p.is_sender() && p.stream == *stream)
-                .collect();
+            let mut peers = self.peers.receivers_mut(stream);
             self.pool
                 .forward(&mut peers, chunks, &packet, &mut self.out)
         } else {
             let mut tally = forward::Tally::default();
             for id in &entry.receivers {
-                if let Some(peer) = self.peers.get_mut(id) {
+                if let Some(peer) = self.peers.get_mut(*id) {
                     forward::to_peer(peer, &packet, &mut self.out, &mut tally);
                 }
             }
@@ -360,7 +356,7 @@ impl Relay {
     /// deadline passed, else gives str0m its timeout.
     fn handle_timers(&mut self, now: Instant) {
         while let Some((at, id)) = self.timers.pop_due(now) {
-            let Some(peer) = self.peers.get_mut(&id) else {
+            let Some(peer) = self.peers.get_mut(id) else {
                 continue;
             };
             if !peer.take_wake(at) {
@@ -385,7 +381,7 @@ impl Relay {
     /// Starts closing a peer: RTCP BYE and DTLS close_notify go out, the
     /// owner is told, and a sender's stream ends with it.
     fn close_peer(&mut self, id: PeerId, why: &'static str) {
-        let Some(peer) = self.peers.get_mut(&id) else {
+        let Some(peer) = self.peers.get_mut(id) else {
             return;
         };
         if peer.closing_since.is_some() {
@@ -413,7 +409,7 @@ impl Relay {
     /// is first closed properly (its owner told).
     fn free_peer(&mut self, id: PeerId) {
         self.close_peer(id, "peer disconnected");
-        if let Some(p) = self.peers.remove(&id) {
+        if let Some(p) = self.peers.remove(id) {
             self.routes.remove(&p);
             tracing::debug!(peer = id, "peer freed");
         }
@@ -444,7 +440,7 @@ impl Relay {
         for s in streams {
             self.end_stream(&s, "server shutting down");
         }
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let ids = self.peers.ids();
         for id in ids {
             self.close_peer(id, "server shutting down");
         }

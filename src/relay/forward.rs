@@ -170,7 +170,7 @@ impl ForwardPool {
         let threads = if workers > 1 {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(workers - 1)
-                .thread_name(|i| format!("media-forward-{i}"))
+                .thread_name(|_| "media-forward".into())
                 .build()
                 .inspect_err(|e| tracing::warn!(error = %e, "no forwarding threads: forwarding on the relay thread only"))
                 .ok()

@@ -3,6 +3,7 @@
 //! connected, closing), and when it next needs the loop (its wake-up and its
 //! deadline). Calls into its str0m state go through [`Peer::contained`].
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,5 +187,178 @@ impl Peer {
         }
         self.scheduled = None;
         true
+    }
+}
+
+/// Every peer of the relay, grouped by stream name, so that one stream's
+/// receivers can be borrowed together (to forward on several threads)
+/// without looking at other streams' peers. A group may hold the closing
+/// peers of an ended stream beside a new stream of the same name; a
+/// closing peer is skipped by the forward path.
+#[derive(Default)]
+pub(super) struct Peers {
+    by_stream: HashMap<Arc<str>, HashMap<PeerId, Peer>>,
+    stream_of: HashMap<PeerId, Arc<str>>,
+}
+
+impl Peers {
+    pub fn insert(&mut self, peer: Peer) {
+        self.stream_of.insert(peer.id, peer.stream.clone());
+        self.by_stream
+            .entry(peer.stream.clone())
+            .or_default()
+            .insert(peer.id, peer);
+    }
+
+    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        let stream = self.stream_of.get(&id)?;
+        self.by_stream.get_mut(stream)?.get_mut(&id)
+    }
+
+    pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
+        let stream = self.stream_of.remove(&id)?;
+        let group = self.by_stream.get_mut(&stream)?;
+        let peer = group.remove(&id);
+        if group.is_empty() {
+            self.by_stream.remove(&stream);
+        }
+        peer
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stream_of.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<PeerId> {
+        self.stream_of.keys().copied().collect()
+    }
+
+    /// The receivers of `stream`, each borrowed once.
+    pub fn receivers_mut(&mut self, stream: &str) -> Vec<&mut Peer> {
+        match self.by_stream.get_mut(stream) {
+            Some(group) => group.values_mut().filter(|p| !p.is_sender()).collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::relay::leg::SeqMap;
+
+    const LIMITS: Timeouts = Timeouts {
+        handshake: Duration::from_secs(15),
+        sender_idle: Duration::from_secs(20),
+    };
+
+    fn peer(id: PeerId, stream: &str, sender: bool) -> Peer {
+        let rtc = Rtc::builder().build(Instant::now());
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let kind = if sender {
+            PeerKind::Sender
+        } else {
+            PeerKind::Receiver(Leg {
+                ssrc: 1.into(),
+                pt: 111.into(),
+                audio_level_id: None,
+                mid_ext: None,
+                seq: SeqMap::new(0xff00),
+                keys: Default::default(),
+                srtp: None,
+            })
+        };
+        Peer::new(
+            id,
+            Box::new(rtc),
+            kind,
+            stream.into(),
+            events,
+            String::new(),
+            LIMITS,
+        )
+    }
+
+    #[test]
+    fn deadlines_close_and_free_a_peer_by_its_state() {
+        let mut p = peer(1, "a", true);
+        let t0 = p.created;
+        assert_eq!(p.deadline(), Some(t0 + LIMITS.handshake));
+        assert_eq!(p.expiry(t0 + Duration::from_secs(14)), None);
+        assert_eq!(
+            p.expiry(t0 + LIMITS.handshake),
+            Some(Expiry::Close("ICE/DTLS handshake timed out"))
+        );
+        p.connected = true;
+        p.last_media = t0 + Duration::from_secs(5);
+        assert_eq!(p.expiry(t0 + Duration::from_secs(24)), None);
+        assert_eq!(
+            p.expiry(t0 + Duration::from_secs(25)),
+            Some(Expiry::Close("sender sent no audio"))
+        );
+        p.closing_since = Some(t0 + Duration::from_secs(30));
+        assert_eq!(p.expiry(t0 + Duration::from_secs(30)), None);
+        assert_eq!(
+            p.expiry(t0 + Duration::from_secs(30) + CLOSE_GRACE),
+            Some(Expiry::Free)
+        );
+
+        let mut r = peer(2, "a", false);
+        r.connected = true;
+        assert_eq!(
+            r.deadline(),
+            None,
+            "a connected receiver lives on str0m's timers"
+        );
+        r.rtc.disconnect();
+        assert_eq!(
+            r.expiry(r.created),
+            Some(Expiry::Free),
+            "a dead peer is freed at once"
+        );
+    }
+
+    #[test]
+    fn a_peer_keeps_one_live_timer_at_its_earliest_wake_up() {
+        let mut timers: Vec<(Instant, PeerId)> = Vec::new();
+        let mut p = peer(1, "a", true);
+        let t0 = p.created;
+        p.next_timeout = t0 + Duration::from_secs(60);
+        p.schedule(&mut timers);
+        assert_eq!(
+            timers,
+            vec![(t0 + LIMITS.handshake, 1)],
+            "the deadline is earlier"
+        );
+        p.next_timeout = t0 + Duration::from_secs(1);
+        p.schedule(&mut timers);
+        p.next_timeout = t0 + Duration::from_secs(2);
+        p.schedule(&mut timers);
+        assert_eq!(timers.len(), 2, "a later wake-up adds no entry");
+        assert!(!p.take_wake(t0 + LIMITS.handshake), "superseded");
+        assert!(p.take_wake(t0 + Duration::from_secs(1)));
+        assert!(!p.take_wake(t0 + Duration::from_secs(1)), "taken once");
+    }
+
+    #[test]
+    fn a_streams_receivers_are_borrowed_without_others() {
+        let mut peers = Peers::default();
+        peers.insert(peer(1, "a", true));
+        peers.insert(peer(2, "a", false));
+        peers.insert(peer(3, "b", false));
+        peers.insert(peer(4, "a", false));
+        let mut ids: Vec<PeerId> = peers.receivers_mut("a").iter().map(|p| p.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 4]);
+        assert!(peers.receivers_mut("c").is_empty());
+        assert_eq!(peers.remove(3).map(|p| p.id), Some(3));
+        assert!(peers.get_mut(3).is_none());
+        assert!(peers.receivers_mut("b").is_empty());
+        assert_eq!(peers.get_mut(4).map(|p| p.id), Some(4));
+        for id in [1, 2, 4] {
+            peers.remove(id);
+        }
+        assert!(peers.is_empty());
     }
 }

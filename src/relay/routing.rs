@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::handle::PeerId;
-use super::peer::Peer;
+use super::peer::{Peer, Peers};
 
 /// Remote addresses one peer may be reached from.
 const MAX_ADDRS_PER_PEER: usize = 8;
@@ -40,12 +40,7 @@ impl Routes {
     /// Which peer a datagram from `source` belongs to. A STUN binding request
     /// from an unknown address naming a peer's ufrag adds that address to the
     /// peer (unless it is closing or has enough).
-    pub fn route(
-        &mut self,
-        source: SocketAddr,
-        data: &[u8],
-        peers: &mut HashMap<PeerId, Peer>,
-    ) -> Option<PeerId> {
+    pub fn route(&mut self, source: SocketAddr, data: &[u8], peers: &mut Peers) -> Option<PeerId> {
         if let Some(id) = self.by_addr.get(&source) {
             return Some(*id);
         }
@@ -63,7 +58,7 @@ impl Routes {
             self.early_stun.keep(local, source, data);
             return None;
         };
-        let peer = peers.get_mut(&id)?;
+        let peer = peers.get_mut(id)?;
         if peer.closing_since.is_none() && peer.addrs.len() < MAX_ADDRS_PER_PEER {
             peer.addrs.push(source);
             self.by_addr.insert(source, id);

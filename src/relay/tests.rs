@@ -57,7 +57,7 @@ mod forward_to_a_client {
     use str0m::{Candidate, Event, Input, Output, Rtc};
 
     use crate::relay::drain::drain;
-    use crate::relay::forward::{self, ForwardedPacket, Tally};
+    use crate::relay::forward::{self, ForwardPool, ForwardedPacket, Tally};
     use crate::relay::handle::RtcBuilder;
     use crate::relay::leg::Leg;
     use crate::relay::outbox::Outbox;
@@ -67,6 +67,7 @@ mod forward_to_a_client {
     const CLIENT: &str = "127.0.0.1:6000";
 
     struct Link {
+        client_addr: SocketAddr,
         relay: Peer,
         client: Rtc,
         out: Outbox,
@@ -78,13 +79,13 @@ mod forward_to_a_client {
         s.parse().unwrap()
     }
 
-    fn receive(rtc: &mut Rtc, now: Instant, from: &str, to: &str, data: &[u8]) {
+    fn receive(rtc: &mut Rtc, now: Instant, from: SocketAddr, to: SocketAddr, data: &[u8]) {
         let input = Input::Receive(
             now,
             Receive {
                 proto: Protocol::Udp,
-                source: addr(from),
-                destination: addr(to),
+                source: from,
+                destination: to,
                 contents: data.try_into().unwrap(),
             },
         );
@@ -92,7 +93,7 @@ mod forward_to_a_client {
     }
 
     impl Link {
-        fn new() -> Link {
+        fn new(client_addr: SocketAddr) -> Link {
             let now = Instant::now();
             let cert = str0m::crypto::from_feature_flags()
                 .dtls_provider
@@ -113,7 +114,7 @@ mod forward_to_a_client {
                 .clear_codecs()
                 .enable_opus(true, false)
                 .build(now);
-            client.add_local_candidate(Candidate::host(addr(CLIENT), "udp").unwrap());
+            client.add_local_candidate(Candidate::host(client_addr, "udp").unwrap());
             let answer = client.sdp_api().accept_offer(offer).unwrap();
             relay.sdp_api().accept_answer(pending, answer).unwrap();
             let leg = Leg::negotiated(&mut relay, mid, keys).unwrap();
@@ -133,6 +134,7 @@ mod forward_to_a_client {
                 limits,
             );
             Link {
+                client_addr,
                 relay,
                 client,
                 out: Outbox::new(-1),
@@ -147,8 +149,8 @@ mod forward_to_a_client {
                 drain(&mut self.relay, &mut self.out, &mut Vec::new());
                 let to_client = self.out.take_queued();
                 for (to, data) in &to_client {
-                    assert_eq!(*to, addr(CLIENT));
-                    receive(&mut self.client, self.now, RELAY, CLIENT, data);
+                    assert_eq!(*to, self.client_addr);
+                    receive(&mut self.client, self.now, addr(RELAY), *to, data);
                 }
                 let mut to_relay = 0;
                 loop {
@@ -156,7 +158,8 @@ mod forward_to_a_client {
                         Output::Timeout(_) => break,
                         Output::Transmit(t) => {
                             to_relay += 1;
-                            receive(&mut self.relay.rtc, self.now, CLIENT, RELAY, &t.contents);
+                            let (from, now) = (self.client_addr, self.now);
+                            receive(&mut self.relay.rtc, now, from, addr(RELAY), &t.contents);
                         }
                         Output::Event(Event::RtpPacket(p)) => self.received.push(p),
                         Output::Event(_) => {}
@@ -203,7 +206,7 @@ mod forward_to_a_client {
     /// by the relay's own SRTP so that the client's str0m decrypts each.
     #[test]
     fn a_sender_that_jumps_reaches_the_client_continuous_and_decryptable() {
-        let mut link = Link::new();
+        let mut link = Link::new(addr(CLIENT));
         link.connect();
         let (ssrc, pt) = {
             let leg = link.relay.leg_mut().unwrap();
@@ -231,5 +234,54 @@ mod forward_to_a_client {
             *got[0].seq_no >> 16 == 0 && *got[got.len() - 1].seq_no >> 16 == 1,
             "the receiver's rollover counter went from 0 to 1"
         );
+    }
+
+    /// A large stream's packet is forwarded in chunks on the pool's threads
+    /// and the caller's: every receiver gets every copy (sent for real, over
+    /// loopback, by each thread's own outbox), and the counts add up.
+    #[test]
+    fn the_pool_forwards_every_chunk() {
+        use std::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+
+        let relay_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sockets: Vec<UdpSocket> = (0..5)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s
+            })
+            .collect();
+        let mut links: Vec<Link> = sockets
+            .iter()
+            .map(|s| {
+                let mut link = Link::new(s.local_addr().unwrap());
+                link.connect();
+                link.received.clear();
+                link
+            })
+            .collect();
+        let pool = ForwardPool::new(3);
+        let mut out = Outbox::new(relay_socket.as_raw_fd());
+        let now = Instant::now();
+        for seq in 0..20u16 {
+            let pkt = ForwardedPacket::for_test(seq, u32::from(seq) * 960, &seq.to_be_bytes(), now);
+            let mut peers: Vec<&mut Peer> = links.iter_mut().map(|l| &mut l.relay).collect();
+            let tally = pool.forward(&mut peers, 3, &pkt, &mut out);
+            assert_eq!((tally.sent, tally.by_str0m), (5, 0));
+        }
+        assert_eq!(out.sent, 100, "the threads' sends are counted");
+        let mut buf = [0u8; 1500];
+        for (link, socket) in links.iter_mut().zip(&sockets) {
+            for _ in 0..20 {
+                let n = socket.recv(&mut buf).unwrap();
+                let (now, to) = (link.now, link.client_addr);
+                receive(&mut link.client, now, addr(RELAY), to, &buf[..n]);
+                link.exchange();
+            }
+            let payloads: Vec<Vec<u8>> = link.received.iter().map(|p| p.payload.to_vec()).collect();
+            let sent: Vec<Vec<u8>> = (0..20u16).map(|s| s.to_be_bytes().to_vec()).collect();
+            assert_eq!(payloads, sent);
+        }
     }
 }
