@@ -16,7 +16,7 @@ use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
 use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::registry::Registry;
-use voice_relay::relay::{self, Command, RelayConfig};
+use voice_relay::relay::{self, Command, RelayConfig, RelayHandle};
 use voice_relay::signalling::Signalling;
 use voice_relay::tls;
 
@@ -142,9 +142,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             anyhow::bail!("an HTTP listener stopped unexpectedly");
         }
     }
+    shut_down(&registry, &relay, &handle, servers, relay_thread).await;
+    if let Some(reason) = failure {
+        anyhow::bail!("{reason}");
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Tells every WebSocket client, closes every peer (their tracks end) and
+/// ends every MP3 body, then gives connections a bounded time to finish.
+async fn shut_down(
+    registry: &Registry,
+    relay: &RelayHandle,
+    handle: &axum_server::Handle<SocketAddr>,
+    mut servers: tokio::task::JoinSet<std::io::Result<()>>,
+    relay_thread: std::thread::JoinHandle<()>,
+) {
     tracing::info!("shutting down");
-    // Tell every WebSocket client, close every peer (their tracks end) and
-    // end every MP3 body, then give connections a bounded time to finish.
     registry.shutdown();
     let _ = relay.send(Command::Shutdown);
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
@@ -161,11 +176,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Let MP3 writers send their listeners the end of the stream.
     let _ = tokio::task::spawn_blocking(|| voice_relay::mp3::wait_writers(Duration::from_secs(1)))
         .await;
-    if let Some(reason) = failure {
-        anyhow::bail!("{reason}");
-    }
-    tracing::info!("bye");
-    Ok(())
 }
 
 /// Binds a TCP listener with a deep accept queue: thousands of MP3 listeners
