@@ -99,9 +99,10 @@ impl Relay {
         }
     }
 
-    /// Runs until shut down (`Ok`) or the socket's poll fails (`Err`).
+    /// Runs until shut down (`Ok`) or the socket's poll fails (`Err`), on
+    /// the thread that made this relay (its forwarding threads share that
+    /// thread's priority).
     pub fn run(mut self) -> std::io::Result<()> {
-        crate::priority::for_media_relay();
         let mut events = Events::with_capacity(16);
         let mut buf = vec![0u8; 2048];
         let mut shutting_down: Option<Instant> = None;

@@ -98,19 +98,14 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
         handshake: config.handshake_timeout,
         sender_idle: config.sender_idle,
     };
-    let relay = Relay::new(
-        socket,
-        poll,
-        rx,
-        local_label,
-        limits,
-        config.forward_threads,
-    );
-    let liveness = config.liveness;
+    let (liveness, forward_threads) = (config.liveness, config.forward_threads);
     let thread = std::thread::Builder::new()
         .name("media-relay".into())
         .spawn(move || {
             let watch = liveness.watch("the media relay thread");
+            // First: the forwarding threads the relay starts inherit it.
+            crate::priority::for_media_relay();
+            let relay = Relay::new(socket, poll, rx, local_label, limits, forward_threads);
             match relay.run() {
                 Ok(()) => watch.finish(),
                 Err(e) => watch.fail(format!("the media relay stopped: {e}")),
