@@ -242,18 +242,16 @@ impl Peers {
     }
 }
 
+/// Peers for unit tests: a fresh `Rtc` (no media), and for a receiver a leg
+/// with made-up ids.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    use crate::relay::leg::SeqMap;
-
-    const LIMITS: Timeouts = Timeouts {
+impl Peer {
+    pub const TEST_LIMITS: Timeouts = Timeouts {
         handshake: Duration::from_secs(15),
         sender_idle: Duration::from_secs(20),
     };
 
-    fn peer(id: PeerId, stream: &str, sender: bool) -> Peer {
+    pub fn for_test(id: PeerId, stream: &str, sender: bool) -> Peer {
         let rtc = Rtc::builder().build(Instant::now());
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
         let kind = if sender {
@@ -264,20 +262,32 @@ mod tests {
                 pt: 111.into(),
                 audio_level_id: None,
                 mid_ext: None,
-                seq: SeqMap::new(0xff00),
+                seq: super::leg::SeqMap::new(0xff00),
                 keys: Default::default(),
                 srtp: None,
             })
         };
+        let ufrag = format!("ufrag{id}");
         Peer::new(
             id,
             Box::new(rtc),
             kind,
             stream.into(),
             events,
-            String::new(),
-            LIMITS,
+            ufrag,
+            Self::TEST_LIMITS,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Timeouts = Peer::TEST_LIMITS;
+
+    fn peer(id: PeerId, stream: &str, sender: bool) -> Peer {
+        Peer::for_test(id, stream, sender)
     }
 
     #[test]

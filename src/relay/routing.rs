@@ -105,3 +105,72 @@ impl EarlyStun {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use str0m::ice::TransId;
+
+    /// A STUN binding request to our `local` ufrag, as a browser sends it.
+    fn check(local: &str) -> Vec<u8> {
+        let username = format!("{local}:browser");
+        let msg = str0m::ice::StunMessage::binding_request(
+            &username,
+            TransId::new(),
+            true,
+            1,
+            100,
+            false,
+        );
+        let mut buf = vec![0u8; 512];
+        let n = msg
+            .to_bytes(Some(b"pw"), &mut buf, |_, _| [0u8; 20])
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn from(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_check_introduces_an_address_and_early_checks_wait_for_their_peer() {
+        let (mut routes, mut peers) = (Routes::default(), Peers::default());
+        let rtp = [0x80u8, 111, 0, 1];
+        // Before the peer: nothing routes, the check is kept.
+        let first = check("ufrag7");
+        assert_eq!(routes.route(from(1), &first, &mut peers), None);
+        assert_eq!(routes.route(from(1), &rtp, &mut peers), None);
+        let peer = Peer::for_test(7, "s", true);
+        let early = routes.add(&peer);
+        peers.insert(peer);
+        assert_eq!(
+            early,
+            vec![(from(1), first)],
+            "replayed when the peer comes"
+        );
+        // Its check names the peer and introduces the address.
+        assert_eq!(routes.route(from(1), &check("ufrag7"), &mut peers), Some(7));
+        assert_eq!(routes.route(from(1), &rtp, &mut peers), Some(7));
+        assert_eq!(
+            routes.route(from(2), &rtp, &mut peers),
+            None,
+            "unknown address"
+        );
+        assert_eq!(routes.route(from(2), &check("other"), &mut peers), None);
+        // A peer is reached from a bounded number of addresses.
+        for port in 3..20 {
+            assert_eq!(
+                routes.route(from(port), &check("ufrag7"), &mut peers),
+                Some(7)
+            );
+        }
+        let learned = peers.get_mut(7).map(|p| p.addrs.len());
+        assert_eq!(learned, Some(MAX_ADDRS_PER_PEER));
+        // Freed: no route is left.
+        let peer = peers.remove(7).unwrap();
+        routes.remove(&peer);
+        assert_eq!(routes.route(from(1), &rtp, &mut peers), None);
+    }
+}
