@@ -13,11 +13,12 @@ use tracing_subscriber::EnvFilter;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
+use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::options;
 use voice_relay::probe::Probe;
 use voice_relay::registry::Registry;
-use voice_relay::relay::{self, Command, RelayConfig};
+use voice_relay::relay::{self, Command, RelayConfig, RelayHandle};
 use voice_relay::signalling::Signalling;
 use voice_relay::tls;
 
@@ -87,6 +88,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sender_idle: config.sender_idle(),
         handshake_timeout: config.handshake_timeout(),
         forward_threads: config.forward_threads,
+        liveness: Liveness::process().clone(),
     })
     .with_context(|| format!("binding the media socket udp/{rtc_bind}"))?;
 
@@ -148,8 +150,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
     }
 
+    // A thread the server needs died: shut down as on a signal, then exit
+    // non-zero so that a supervisor restarts the server.
+    let mut failure = None;
     tokio::select! {
         _ = shutdown_signal() => {}
+        reason = Liveness::process().failed() => failure = Some(reason),
         res = servers.join_next() => {
             // A server stopped on its own: that is an error.
             let _ = relay.send(Command::Shutdown);
@@ -159,9 +165,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             anyhow::bail!("an HTTP listener stopped unexpectedly");
         }
     }
+    shut_down(&registry, &relay, &handle, servers, relay_thread).await;
+    if let Some(reason) = failure {
+        anyhow::bail!("{reason}");
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Tells every WebSocket client, closes every peer (their tracks end) and
+/// ends every MP3 body, then gives connections a bounded time to finish.
+async fn shut_down(
+    registry: &Registry,
+    relay: &RelayHandle,
+    handle: &axum_server::Handle<SocketAddr>,
+    mut servers: tokio::task::JoinSet<std::io::Result<()>>,
+    relay_thread: std::thread::JoinHandle<()>,
+) {
     tracing::info!("shutting down");
-    // Tell every WebSocket client, close every peer (their tracks end) and
-    // end every MP3 body, then give connections a bounded time to finish.
     registry.shutdown();
     let _ = relay.send(Command::Shutdown);
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
@@ -178,8 +199,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Let MP3 writers send their listeners the end of the stream.
     let _ = tokio::task::spawn_blocking(|| voice_relay::mp3::wait_writers(Duration::from_secs(1)))
         .await;
-    tracing::info!("bye");
-    Ok(())
 }
 
 /// `voice-relay health`: probes the configured listener and exits 0 when

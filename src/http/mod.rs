@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::access::Access;
+use crate::liveness::Liveness;
 use crate::metrics::metrics;
 use crate::proxy::TrustedProxies;
 use crate::registry::{Registry, StreamEvent};
@@ -371,7 +372,7 @@ fn upgrade_ws(
         .max_frame_size(max)
         // Signalling messages are small, and every receiver keeps its socket
         // open: tungstenite's 128 KiB default read buffer, allocated up front,
-        // was ~45 % of the server's memory per receiver. It grows on demand.
+        // would be much of a receiver's memory. Ours grows on demand.
         .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             signalling::serve(socket, ctx, max, allowed).await;
@@ -387,11 +388,21 @@ fn listener_map(reg: &Registry) -> serde_json::Map<String, serde_json::Value> {
         .collect()
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let reg = state.registry();
+async fn health(State(state): State<AppState>) -> Response {
+    health_of(state.registry(), Liveness::process())
+}
+
+/// `/health`: 200 `healthy` with the counts, or 503 `unhealthy` with the
+/// reason once a thread the server needs has died (the process is exiting).
+fn health_of(reg: &Registry, liveness: &Liveness) -> Response {
+    let failure = liveness.failure();
+    let status = match failure {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
     let listeners = listener_map(reg);
-    Json(json!({
-        "status": "healthy",
+    let mut body = json!({
+        "status": if failure.is_none() { "healthy" } else { "unhealthy" },
         "active_streams": reg.list(),
         "senders": reg.senders(),
         "receivers": reg.receivers(),
@@ -399,7 +410,11 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "mp3_listeners": listeners,
         "uptime_secs": reg.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    });
+    if let Some(reason) = failure {
+        body["reason"] = json!(reason);
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
@@ -439,4 +454,33 @@ impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for TuneSocket {
 fn tune(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_send_buffer_size(TCP_SEND_BUFFER);
     let _ = stream.set_nodelay(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_json(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn health_turns_503_when_a_needed_thread_dies() {
+        let reg = Registry::new();
+        let liveness = Liveness::default();
+        let ok = health_of(&reg, &liveness);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(body_json(ok).await["status"], "healthy");
+
+        let l = liveness.clone();
+        let _ = std::thread::spawn(move || drop(l.watch("the media relay thread"))).join();
+        let dead = health_of(&reg, &liveness);
+        assert_eq!(dead.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = body_json(dead).await;
+        assert_eq!(body["status"], "unhealthy");
+        assert_eq!(body["reason"], "the media relay thread stopped");
+    }
 }

@@ -354,7 +354,11 @@ impl Fanout {
             let fanout = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("mp3w-{}", self.stream_id))
-                .spawn(move || super::writer::run(fanout));
+                .spawn(move || {
+                    let _watch = crate::liveness::Liveness::process()
+                        .watch_for_panic("an MP3 writer thread");
+                    super::writer::run(fanout)
+                });
             if let Err(err) = spawned {
                 s.incoming.pop();
                 return Err(err);

@@ -24,6 +24,8 @@ pub use writer::wait_idle as wait_writers;
 
 use fanout::{bump, Stats};
 
+use crate::liveness::Liveness;
+
 /// Opus sample rate used throughout (RTP clock rate of Opus).
 pub const SAMPLE_RATE: u32 = 48_000;
 /// Bound of the packet queue between the relay and the pipeline thread.
@@ -171,7 +173,10 @@ pub fn try_start(
     let thread_fanout = Arc::clone(&fanout);
     std::thread::Builder::new()
         .name(format!("mp3-{stream_id}"))
-        .spawn(move || pipeline::run(rx, decoder, encoder, thread_fanout))?;
+        .spawn(move || {
+            let _watch = Liveness::process().watch_for_panic("an MP3 pipeline thread");
+            pipeline::run(rx, decoder, encoder, thread_fanout)
+        })?;
     Ok((PacketSink { tx, stats }, fanout))
 }
 

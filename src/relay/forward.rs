@@ -2,24 +2,24 @@
 //! its stream.
 //!
 //! Per receiver, the copy is built here: the RTP header with the receiver's
-//! SSRC, payload type, sequence number and header-extension ids, then one
-//! SRTP protect with the keys [`super::srtp`] tapped from its DTLS handshake,
-//! straight into the outbox. str0m is not touched per copy; it keeps running
-//! the peer's ICE, DTLS and RTCP on its own timers.
+//! SSRC, payload type, sequence number (its [`super::leg::SeqMap`]) and
+//! header-extension ids, then one SRTP protect with the keys
+//! [`super::srtp`] tapped from its DTLS handshake, straight into the outbox.
+//! str0m is not touched per copy; it keeps running the peer's ICE, DTLS and
+//! RTCP on its own timers.
 //!
 //! Until a peer's keys are known (or if its SRTP profile were one we do not
 //! know), its copies go through str0m instead, in a single pass: `write_rtp`,
 //! then a timeout at the same instant (str0m releases a written packet only
 //! once a timeout has stamped it), then `poll_output` until the peer is idle.
 //!
-//! A stream with many receivers is split over [`workers`] threads (scoped,
-//! one per chunk, for the duration of one packet): each chunk of peers is
-//! borrowed by exactly one thread, and each thread batches its own datagrams
-//! into its own [`Outbox`] on the shared socket. Small streams, the common
-//! case with many streams, stay on the relay thread.
+//! A stream with many receivers is split into chunks, forwarded at once on
+//! the relay thread and the threads of a [`ForwardPool`] (started once, kept
+//! for the relay's life): each chunk of peers is borrowed by exactly one
+//! thread, and each thread batches its own datagrams into its own
+//! [`Outbox`] on the shared socket. Small streams, the common case with many
+//! streams, stay on the relay thread.
 
-use std::cmp::Reverse;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,9 +27,12 @@ use str0m::media::Pt;
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::Input;
 
+use super::drain::drain;
+use super::handle::PeerId;
+use super::leg::Leg;
 use super::outbox::Outbox;
+use super::peer::Peer;
 use super::srtp::{tapped_provider, SrtpTx};
-use super::{contained, drain, schedule, Leg, Peer, PeerId};
 
 /// Receivers per thread below which a stream is not split.
 const MIN_PER_WORKER: usize = 128;
@@ -47,13 +50,14 @@ pub fn workers(configured: usize) -> usize {
 }
 
 /// How many chunks a stream of `receivers` is forwarded in.
-pub fn chunks_for(receivers: usize, workers: usize) -> usize {
+fn chunks_for(receivers: usize, workers: usize) -> usize {
     (receivers / MIN_PER_WORKER).clamp(1, workers)
 }
 
 /// What every receiver's copy of one sender packet is built from.
-pub struct Packet {
-    seq_in: i64,
+pub(super) struct ForwardedPacket {
+    /// The sender's RTP sequence number (16 bits, as on the wire).
+    seq: u16,
     rtp_time: u32,
     marker: bool,
     audio_level: Option<i8>,
@@ -65,10 +69,10 @@ pub struct Packet {
     now: Instant,
 }
 
-impl Packet {
+impl ForwardedPacket {
     pub fn new(pkt: &RtpPacket, arrived: Instant, now: Instant) -> Self {
-        Packet {
-            seq_in: *pkt.seq_no as i64,
+        ForwardedPacket {
+            seq: *pkt.seq_no as u16,
             rtp_time: pkt.header.timestamp,
             marker: pkt.header.marker,
             audio_level: pkt.header.ext_vals.audio_level,
@@ -82,11 +86,26 @@ impl Packet {
     pub fn payload_len(&self) -> usize {
         self.payload.len()
     }
+
+    /// A packet with sequence number `seq`, as a sender's would be.
+    #[cfg(test)]
+    pub fn for_test(seq: u16, rtp_time: u32, payload: &[u8], at: Instant) -> Self {
+        ForwardedPacket {
+            seq,
+            rtp_time,
+            marker: false,
+            audio_level: Some(-30),
+            voice_activity: Some(true),
+            payload: payload.into(),
+            arrived: at,
+            now: at,
+        }
+    }
 }
 
 /// What forwarding to a set of receivers did, merged into the relay after.
 #[derive(Default)]
-pub struct Tally {
+pub(super) struct Tally {
     /// Copies sent.
     pub sent: u64,
     /// Of those, copies protected by str0m (its keys were not tapped yet).
@@ -94,143 +113,190 @@ pub struct Tally {
     /// Peers whose str0m state failed; the relay closes them.
     pub failed: Vec<PeerId>,
     /// Timer-heap entries to add (a peer's wake-up moved earlier).
-    pub timers: Vec<Reverse<(Instant, PeerId)>>,
+    pub timers: Vec<(Instant, PeerId)>,
 }
 
-/// Forwards `pkt` to one peer, datagrams into `out` (not flushed).
-pub fn to_peer(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox, tally: &mut Tally) {
-    match write_to(peer, pkt, fd, out) {
-        Outcome::Sent => tally.sent += 1,
-        Outcome::SentByStr0m => {
-            schedule(peer, &mut tally.timers);
-            tally.sent += 1;
-            tally.by_str0m += 1;
-        }
-        Outcome::Skipped => {}
-        Outcome::Failed => tally.failed.push(peer.id),
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.sent += other.sent;
+        self.by_str0m += other.by_str0m;
+        self.failed.extend(other.failed);
+        self.timers.extend(other.timers);
     }
 }
 
-/// Forwards `pkt` to each peer in `peers`, then flushes `out`.
+/// Forwards `pkt` to each peer in `peers` (datagrams into `out`, flushed at
+/// the end).
 fn to_peers<'a>(
     peers: impl IntoIterator<Item = &'a mut Peer>,
-    pkt: &Packet,
-    fd: RawFd,
+    pkt: &ForwardedPacket,
     out: &mut Outbox,
 ) -> Tally {
     let mut tally = Tally::default();
     for peer in peers {
-        to_peer(peer, pkt, fd, out, &mut tally);
+        to_peer(peer, pkt, out, &mut tally);
     }
-    out.flush(fd);
+    out.flush();
     tally
 }
 
-/// Forwards `pkt` to `peers` in `chunks` pieces, all but the first on scoped
-/// threads with an outbox each; the first on this thread with `out`.
-pub fn to_peers_parallel(
-    peers: &mut [&mut Peer],
-    chunks: usize,
-    pkt: &Packet,
-    fd: RawFd,
-    out: &mut Outbox,
-) -> Tally {
-    let size = peers.len().div_ceil(chunks.max(1)).max(1);
-    let mut parts = peers.chunks_mut(size);
-    let Some(first) = parts.next() else {
-        return Tally::default();
-    };
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = parts
-            .map(|part| {
-                std::thread::Builder::new()
-                    .name("media-forward".into())
-                    .spawn_scoped(s, move || {
-                        let mut own = Outbox::default();
-                        let tally = to_peers(part.iter_mut().map(|p| &mut **p), pkt, fd, &mut own);
-                        (tally, own)
-                    })
-            })
-            .collect();
-        let mut tally = to_peers(first.iter_mut().map(|p| &mut **p), pkt, fd, out);
-        for helper in helpers {
-            // A thread that cannot be spawned leaves its chunk unserved for
-            // this one packet; a panic inside str0m is contained per peer, so
-            // a join error is not expected.
-            let Ok(handle) = helper else {
-                tracing::warn!("cannot spawn a forwarding thread");
-                continue;
-            };
-            if let Ok((t, own)) = handle.join() {
-                tally.sent += t.sent;
-                tally.by_str0m += t.by_str0m;
-                tally.failed.extend(t.failed);
-                tally.timers.extend(t.timers);
-                out.absorb_counts(&own);
-            }
+/// Forwards `pkt` to one peer, datagrams into `out` (not flushed).
+pub(super) fn to_peer(peer: &mut Peer, pkt: &ForwardedPacket, out: &mut Outbox, tally: &mut Tally) {
+    match write_to(peer, pkt, out) {
+        SendResult::Sent => tally.sent += 1,
+        SendResult::SentByStr0m => {
+            peer.schedule(&mut tally.timers);
+            tally.sent += 1;
+            tally.by_str0m += 1;
         }
-        tally
-    })
+        SendResult::Skipped => {}
+        SendResult::Failed => tally.failed.push(peer.id),
+    }
 }
 
-enum Outcome {
+/// The threads that forward the chunks of a large stream besides the relay
+/// thread, started once with the relay.
+pub(super) struct ForwardPool {
+    /// `None` with one worker (the relay thread alone), or if the threads
+    /// could not be started.
+    threads: Option<rayon::ThreadPool>,
+    workers: usize,
+}
+
+impl ForwardPool {
+    /// A pool for `workers` forwarding threads in all, the relay's included.
+    pub fn new(workers: usize) -> Self {
+        let workers = workers.max(1);
+        let threads = if workers > 1 {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(workers - 1)
+                .thread_name(|_| "media-forward".into())
+                .build()
+                .inspect_err(|e| tracing::warn!(error = %e, "no forwarding threads: forwarding on the relay thread only"))
+                .ok()
+        } else {
+            None
+        };
+        let workers = if threads.is_some() { workers } else { 1 };
+        ForwardPool { threads, workers }
+    }
+
+    /// How many chunks a stream of `receivers` is forwarded in.
+    pub fn chunks_for(&self, receivers: usize) -> usize {
+        chunks_for(receivers, self.workers)
+    }
+
+    /// Forwards `pkt` to `peers` in `chunks` pieces: the first on this thread
+    /// into `out`, the others on the pool's threads, each into an outbox of
+    /// its own (on the same socket) whose counts `out` absorbs.
+    pub fn forward(
+        &self,
+        peers: &mut [&mut Peer],
+        chunks: usize,
+        pkt: &ForwardedPacket,
+        out: &mut Outbox,
+    ) -> Tally {
+        let size = peers.len().div_ceil(chunks.max(1)).max(1);
+        let mut parts = peers.chunks_mut(size);
+        let first = parts.next().unwrap_or_default();
+        let Some(threads) = &self.threads else {
+            let mut tally = to_peers(first.iter_mut().map(|p| &mut **p), pkt, out);
+            for part in parts {
+                tally.merge(to_peers(part.iter_mut().map(|p| &mut **p), pkt, out));
+            }
+            return tally;
+        };
+        let mut rest: Vec<(&mut [&mut Peer], Outbox, Tally)> = parts
+            .map(|part| (part, out.sibling(), Tally::default()))
+            .collect();
+        let mut tally = Tally::default();
+        threads.in_place_scope(|scope| {
+            for (part, own, tally) in rest.iter_mut() {
+                scope
+                    .spawn(move |_| *tally = to_peers(part.iter_mut().map(|p| &mut **p), pkt, own));
+            }
+            tally = to_peers(first.iter_mut().map(|p| &mut **p), pkt, out);
+        });
+        for (_, own, t) in rest {
+            tally.merge(t);
+            out.absorb_counts(&own);
+        }
+        tally
+    }
+}
+
+/// How one receiver's copy went.
+enum SendResult {
     Sent,
     SentByStr0m,
     Skipped,
     Failed,
 }
 
-fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outcome {
+fn write_to(peer: &mut Peer, pkt: &ForwardedPacket, out: &mut Outbox) -> SendResult {
     if !peer.connected || peer.closing_since.is_some() {
-        return Outcome::Skipped;
+        return SendResult::Skipped;
     }
-    let Some(leg) = peer.leg.as_mut() else {
-        return Outcome::Skipped;
+    let (id, media_to) = (peer.id, peer.media_to);
+    let Some(leg) = peer.leg_mut() else {
+        return SendResult::Skipped;
     };
-    let offset = *leg
-        .seq_offset
-        .get_or_insert(leg.seq_base as i64 - pkt.seq_in);
-    let seq_out = pkt.seq_in + offset;
-    if seq_out < 0 {
-        // Older than this receiver's first packet (reordered): skip.
-        return Outcome::Skipped;
-    }
+    let index = leg.seq.map(pkt.seq);
     if leg.srtp.is_none() {
         if let Some(keys) = leg.keys.get() {
             leg.srtp = SrtpTx::new(keys, &tapped_provider());
-            tracing::debug!(peer = peer.id, profile = ?keys.profile(), known = leg.srtp.is_some(), "receiver SRTP keys tapped");
+            tracing::debug!(peer = id, profile = ?keys.profile(), known = leg.srtp.is_some(), "receiver SRTP keys tapped");
         }
     }
-    if let (Some(dest), Some(_)) = (peer.media_to, leg.srtp.as_ref()) {
-        // Contained like str0m's calls: a panic drops this peer, not the relay.
-        let sealed = contained(peer, |p| {
-            p.leg
-                .as_mut()
-                .and_then(|leg| protect(leg, pkt, seq_out as u64))
-        });
-        return match sealed {
-            Some(Some(Ok(datagram))) => {
-                out.push_forward(fd, dest, datagram, pkt.arrived);
-                Outcome::Sent
-            }
-            Some(Some(Err(e))) => {
-                tracing::debug!(peer = peer.id, error = %e, "srtp protect failed");
-                Outcome::Failed
-            }
-            // Some(None) cannot happen (leg and keys checked above); None is a
-            // contained panic.
-            Some(None) | None => Outcome::Failed,
-        };
+    match (media_to, leg.srtp.is_some()) {
+        (Some(dest), true) => protect_and_send(peer, pkt, index, dest, out),
+        _ => send_by_str0m(peer, pkt, index, out),
     }
+}
+
+/// Protects the copy with the relay's SRTP context and queues it.
+fn protect_and_send(
+    peer: &mut Peer,
+    pkt: &ForwardedPacket,
+    index: u64,
+    dest: std::net::SocketAddr,
+    out: &mut Outbox,
+) -> SendResult {
+    // Contained like str0m's calls: a panic drops this peer, not the relay.
+    let sealed = peer.contained(|p| p.leg_mut().and_then(|leg| protect(leg, pkt, index)));
+    match sealed {
+        Some(Some(Ok(datagram))) => {
+            out.push_forward(dest, datagram, pkt.arrived);
+            SendResult::Sent
+        }
+        Some(Some(Err(e))) => {
+            tracing::debug!(peer = peer.id, error = %e, "srtp protect failed");
+            SendResult::Failed
+        }
+        // Some(None) cannot happen (leg and keys checked by the caller);
+        // None is a contained panic.
+        Some(None) | None => SendResult::Failed,
+    }
+}
+
+/// Hands the copy to the peer's str0m, which protects and sends it.
+fn send_by_str0m(
+    peer: &mut Peer,
+    pkt: &ForwardedPacket,
+    index: u64,
+    out: &mut Outbox,
+) -> SendResult {
+    let Some(leg) = peer.leg_mut() else {
+        return SendResult::Skipped;
+    };
     let (ssrc, pt) = (leg.ssrc, leg.pt);
-    let write = rtp_write(pkt, pt, seq_out as u64);
-    let result = contained(peer, |p| write_and_send(p, ssrc, write, pkt.now, fd, out));
-    match result {
-        Some(Ok(true)) => Outcome::SentByStr0m,
-        Some(Ok(false)) | None => Outcome::Skipped,
+    let write = rtp_write(pkt, pt, index);
+    match peer.contained(|p| write_and_send(p, ssrc, write, pkt.now, out)) {
+        Some(Ok(true)) => SendResult::SentByStr0m,
+        Some(Ok(false)) | None => SendResult::Skipped,
         Some(Err(e)) => {
             tracing::debug!(peer = peer.id, error = %e, "peer forward error");
-            Outcome::Failed
+            SendResult::Failed
         }
     }
 }
@@ -240,7 +306,7 @@ fn write_to(peer: &mut Peer, pkt: &Packet, fd: RawFd, out: &mut Outbox) -> Outco
 /// sequence space.
 fn protect(
     leg: &mut Leg,
-    pkt: &Packet,
+    pkt: &ForwardedPacket,
     index: u64,
 ) -> Option<Result<Vec<u8>, str0m::crypto::CryptoError>> {
     let mut header = [0u8; MAX_HEADER];
@@ -256,7 +322,7 @@ const MAX_HEADER: usize = 12 + 4 + 20;
 
 /// Writes the RTP header of one receiver's copy (RFC 3550 §5.1) with the
 /// one-byte header extensions it negotiated (RFC 8285); returns its length.
-fn write_header(buf: &mut [u8; MAX_HEADER], leg: &Leg, pkt: &Packet, seq: u16) -> usize {
+fn write_header(buf: &mut [u8; MAX_HEADER], leg: &Leg, pkt: &ForwardedPacket, seq: u16) -> usize {
     let mut ext = [0u8; 20];
     let mut n = 0;
     if let (Some(id), Some(level)) = (leg.audio_level_id, pkt.audio_level) {
@@ -293,7 +359,7 @@ fn write_header(buf: &mut [u8; MAX_HEADER], leg: &Leg, pkt: &Packet, seq: u16) -
     16 + 4 * words
 }
 
-fn rtp_write(pkt: &Packet, pt: Pt, seq_out: u64) -> RtpWrite {
+fn rtp_write(pkt: &ForwardedPacket, pt: Pt, seq_out: u64) -> RtpWrite {
     let ext = ExtensionValues {
         audio_level: pkt.audio_level,
         voice_activity: pkt.voice_activity,
@@ -315,7 +381,6 @@ fn write_and_send(
     ssrc: Ssrc,
     write: RtpWrite,
     now: Instant,
-    fd: RawFd,
     out: &mut Outbox,
 ) -> Result<bool, str0m::RtcError> {
     let mut api = p.rtc.direct_api();
@@ -324,7 +389,7 @@ fn write_and_send(
     };
     tx.write_rtp(write);
     p.rtc.handle_input(Input::Timeout(now))?;
-    drain(p, fd, out, &mut Vec::new());
+    drain(p, out, &mut Vec::new());
     Ok(true)
 }
 

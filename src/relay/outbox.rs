@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 
 use prometheus::local::LocalHistogram;
+use socket2::SockAddr;
 
 use crate::metrics::metrics;
 
@@ -20,7 +21,9 @@ pub const BATCH: usize = 64;
 /// Bound on queued datagrams; beyond it the oldest batch is flushed at once.
 const MAX_QUEUED: usize = 4 * BATCH;
 
+/// Datagrams queued for one socket, sent in batches by [`Outbox::flush`].
 pub struct Outbox {
+    fd: RawFd,
     queue: Vec<Datagram>,
     /// Relay-added latency of forwarded copies (merged on `publish` / drop).
     latency: LocalHistogram,
@@ -39,9 +42,11 @@ struct Datagram {
     arrived: Option<Instant>,
 }
 
-impl Default for Outbox {
-    fn default() -> Self {
+impl Outbox {
+    /// An empty outbox for the socket `fd` (which outlives it).
+    pub fn new(fd: RawFd) -> Self {
         Outbox {
+            fd,
             queue: Vec::new(),
             latency: metrics().forward_latency.local(),
             dropped: 0,
@@ -49,23 +54,26 @@ impl Default for Outbox {
             calls: 0,
         }
     }
-}
 
-impl Outbox {
+    /// An empty outbox on the same socket as this one.
+    pub fn sibling(&self) -> Outbox {
+        Outbox::new(self.fd)
+    }
+
     /// Queues a datagram of str0m's (STUN, DTLS, SRTCP).
-    pub fn push(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>) {
-        self.enqueue(fd, to, data, None);
+    pub fn push(&mut self, to: SocketAddr, data: Vec<u8>) {
+        self.enqueue(to, data, None);
     }
 
     /// Queues a forwarded copy of a sender packet that arrived at `arrived`.
-    pub fn push_forward(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>, arrived: Instant) {
-        self.enqueue(fd, to, data, Some(arrived));
+    pub fn push_forward(&mut self, to: SocketAddr, data: Vec<u8>, arrived: Instant) {
+        self.enqueue(to, data, Some(arrived));
     }
 
-    fn enqueue(&mut self, fd: RawFd, to: SocketAddr, data: Vec<u8>, arrived: Option<Instant>) {
+    fn enqueue(&mut self, to: SocketAddr, data: Vec<u8>, arrived: Option<Instant>) {
         self.queue.push(Datagram { to, data, arrived });
         if self.queue.len() >= MAX_QUEUED {
-            self.flush(fd);
+            self.flush();
         }
     }
 
@@ -81,17 +89,24 @@ impl Outbox {
         self.calls += other.calls;
     }
 
+    /// Takes the queued datagrams instead of sending them.
+    #[cfg(test)]
+    pub fn take_queued(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.queue.drain(..).map(|d| (d.to, d.data)).collect()
+    }
+
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// Sends everything queued. Datagrams the kernel will not take now are
     /// dropped (UDP: the receiver's jitter buffer copes; nothing queues up).
-    pub fn flush(&mut self, fd: RawFd) {
+    pub fn flush(&mut self) {
         let mut start = 0;
         while start < self.queue.len() {
             let end = (start + BATCH).min(self.queue.len());
-            match send_batch(fd, &self.queue[start..end]) {
+            match send_batch(self.fd, &self.queue[start..end]) {
                 Ok(0) => {
                     self.dropped += 1;
                     start += 1;
@@ -125,20 +140,19 @@ impl Outbox {
 /// One `sendmmsg` call for up to [`BATCH`] datagrams; returns how many went.
 fn send_batch(fd: RawFd, items: &[Datagram]) -> io::Result<usize> {
     let n = items.len().min(BATCH);
-    // SAFETY: zeroed sockaddr_storage / iovec / mmsghdr are valid "empty"
-    // values; every pointer stored below points into `items`, `addrs` or
-    // `iovs`, all of which outlive the sendmmsg call.
+    let addrs: Vec<SockAddr> = items[..n].iter().map(|d| SockAddr::from(d.to)).collect();
+    // SAFETY: zeroed iovec / mmsghdr are valid "empty" values; every pointer
+    // stored below points into `items`, `addrs` or `iovs`, all of which
+    // outlive the sendmmsg call, with their true lengths.
     unsafe {
-        let mut addrs: [libc::sockaddr_storage; BATCH] = std::mem::zeroed();
         let mut iovs: [libc::iovec; BATCH] = std::mem::zeroed();
         let mut msgs: [libc::mmsghdr; BATCH] = std::mem::zeroed();
-        for (i, Datagram { to, data, .. }) in items[..n].iter().enumerate() {
-            let len = write_sockaddr(to, &mut addrs[i]);
+        for (i, (Datagram { data, .. }, addr)) in items[..n].iter().zip(&addrs).enumerate() {
             iovs[i].iov_base = data.as_ptr() as *mut libc::c_void;
             iovs[i].iov_len = data.len();
             let hdr = &mut msgs[i].msg_hdr;
-            hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
-            hdr.msg_namelen = len;
+            hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            hdr.msg_namelen = addr.len();
             hdr.msg_iov = &mut iovs[i];
             hdr.msg_iovlen = 1;
         }
@@ -147,31 +161,6 @@ fn send_batch(fd: RawFd, items: &[Datagram]) -> io::Result<usize> {
             Err(io::Error::last_os_error())
         } else {
             Ok(r as usize)
-        }
-    }
-}
-
-fn write_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let sin =
-                unsafe { &mut *(out as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-            let sin6 =
-                unsafe { &mut *(out as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_scope_id = a.scope_id();
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
     }
 }
@@ -188,12 +177,12 @@ mod tests {
             .unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = rx.local_addr().unwrap();
-        let mut out = Outbox::default();
+        let mut out = Outbox::new(tx.as_raw_fd());
         let total = BATCH * 2 + 7;
         for i in 0..total {
-            out.push(tx.as_raw_fd(), to, vec![(i % 251) as u8; 1 + i % 100]);
+            out.push(to, vec![(i % 251) as u8; 1 + i % 100]);
         }
-        out.flush(tx.as_raw_fd());
+        out.flush();
         assert!(out.is_empty());
         assert_eq!(out.sent as usize, total);
         assert_eq!(out.calls, 3);

@@ -1,0 +1,449 @@
+//! The relay loop: one thread drives every sans-IO peer (as in str0m's chat
+//! example). Each wake-up takes signalling's commands, the peers' due timers
+//! and the socket's datagrams, feeds each to the one peer it concerns, and
+//! forwards the RTP a sender produced. A peer's life (added, connected,
+//! closing, freed) is run here; what a peer is lives in [`super::peer`], how
+//! a datagram finds its peer in [`super::routing`], and how a packet reaches
+//! many receivers in [`super::forward`].
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpPacket;
+use str0m::{Input, Rtc};
+
+use super::counters::RelayCounters;
+use super::drain::drain;
+use super::forward::{self, ForwardPool, ForwardedPacket};
+use super::handle::{Command, PeerEvent, PeerEvents, PeerId};
+use super::inbox;
+use super::leg::Leg;
+use super::outbox::Outbox;
+use super::peer::{Expiry, Peer, PeerKind, Peers, Timeouts, CLOSE_GRACE};
+use super::routing::Routes;
+use super::timers::Timers;
+use crate::metrics::metrics;
+use crate::mp3::PacketSink;
+
+pub(super) const SOCKET: Token = Token(0);
+pub(super) const WAKER: Token = Token(1);
+/// Datagrams read per wake-up before commands and timers get a turn.
+const READ_BATCH: usize = 256;
+/// How often the counters are published to the metrics (and the longest
+/// the loop sleeps).
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+
+/// The peers of one stream.
+struct StreamPeers {
+    sender: Option<PeerId>,
+    receivers: Vec<PeerId>,
+    mp3: Option<PacketSink>,
+}
+
+pub(super) struct Relay {
+    socket: UdpSocket,
+    fd: RawFd,
+    poll: Poll,
+    commands: Receiver<Command>,
+    /// Datagrams waiting for the next `sendmmsg`.
+    out: Outbox,
+    timers: Timers,
+    /// The address str0m is told packets arrive on (our first host candidate).
+    local_label: SocketAddr,
+    peers: Peers,
+    routes: Routes,
+    streams: HashMap<Arc<str>, StreamPeers>,
+    /// RTP packets from senders waiting to be forwarded (reused buffer).
+    forward: Vec<RtpPacket>,
+    limits: Timeouts,
+    next_housekeeping: Instant,
+    counters: RelayCounters,
+    pool: ForwardPool,
+}
+
+impl Relay {
+    pub fn new(
+        socket: UdpSocket,
+        poll: Poll,
+        commands: Receiver<Command>,
+        local_label: SocketAddr,
+        limits: Timeouts,
+        forward_threads: usize,
+    ) -> Self {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        Relay {
+            socket,
+            fd,
+            poll,
+            commands,
+            out: Outbox::new(fd),
+            timers: Timers::default(),
+            local_label,
+            peers: Peers::default(),
+            routes: Routes::default(),
+            streams: HashMap::new(),
+            forward: Vec::new(),
+            limits,
+            next_housekeeping: Instant::now() + HOUSEKEEPING,
+            counters: RelayCounters::default(),
+            pool: ForwardPool::new(forward::workers(forward_threads)),
+        }
+    }
+
+    /// Runs until shut down (`Ok`) or the socket's poll fails (`Err`), on
+    /// the thread that made this relay (its forwarding threads share that
+    /// thread's priority).
+    pub fn run(mut self) -> std::io::Result<()> {
+        let mut events = Events::with_capacity(16);
+        let mut buf = vec![0u8; 2048];
+        let mut shutting_down: Option<Instant> = None;
+        loop {
+            if self.take_commands() && shutting_down.is_none() {
+                shutting_down = Some(Instant::now());
+                self.close_all();
+            }
+            let now = Instant::now();
+            self.handle_timers(now);
+            if now >= self.next_housekeeping {
+                self.counters.publish(&self.out);
+                self.next_housekeeping = now + HOUSEKEEPING;
+            }
+            if let Some(t) = shutting_down {
+                if self.peers.is_empty() || t.elapsed() > CLOSE_GRACE * 2 {
+                    tracing::info!("media relay stopped");
+                    return Ok(());
+                }
+            }
+            self.out.flush();
+            let wait = self
+                .next_deadline()
+                .saturating_duration_since(Instant::now())
+                .min(HOUSEKEEPING);
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "media relay poll failed");
+                    return Err(e);
+                }
+            }
+            if events.iter().any(|ev| ev.token() == SOCKET) {
+                self.read_socket(&mut buf);
+            }
+        }
+    }
+
+    /// Handles the queued commands; true if the relay is to shut down.
+    fn take_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return true,
+                Ok(cmd) => self.handle_command(cmd),
+                Err(TryRecvError::Empty) => return false,
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddSender {
+                peer,
+                stream,
+                rtc,
+                events,
+                mp3,
+            } => self.add_sender(peer, stream, rtc, events, mp3),
+            Command::AddReceiver {
+                peer,
+                stream,
+                mut rtc,
+                keys,
+                mid,
+                events,
+            } => {
+                let Some(entry) = self.streams.get_mut(&stream) else {
+                    let _ = events.send(PeerEvent::Closed(peer, "stream ended"));
+                    return;
+                };
+                let Some(leg) = Leg::negotiated(&mut rtc, mid, keys) else {
+                    let _ = events.send(PeerEvent::Closed(peer, "no Opus audio negotiated"));
+                    return;
+                };
+                entry.receivers.push(peer);
+                self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events);
+            }
+            Command::RemoteCandidate { peer, candidate } => {
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.rtc.add_remote_candidate(candidate);
+                    self.drain_peer(peer, None);
+                }
+            }
+            Command::ClosePeer { peer } => self.close_peer(peer, "closed by client"),
+            Command::EndStream { stream } => self.end_stream(&stream, "stream ended"),
+            Command::Shutdown => {}
+            #[cfg(test)]
+            Command::Crash => panic!("relay thread crash asked by a test"),
+        }
+    }
+
+    fn add_sender(
+        &mut self,
+        peer: PeerId,
+        stream: Arc<str>,
+        rtc: Box<Rtc>,
+        events: PeerEvents,
+        mp3: Option<PacketSink>,
+    ) {
+        let entry = self
+            .streams
+            .entry(stream.clone())
+            .or_insert_with(|| StreamPeers {
+                sender: None,
+                receivers: Vec::new(),
+                mp3: None,
+            });
+        entry.sender = Some(peer);
+        entry.mp3 = mp3;
+        self.insert_peer(peer, rtc, PeerKind::Sender, stream, events);
+    }
+
+    fn insert_peer(
+        &mut self,
+        id: PeerId,
+        mut rtc: Box<Rtc>,
+        kind: PeerKind,
+        stream: Arc<str>,
+        events: PeerEvents,
+    ) {
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let peer = Peer::new(id, rtc, kind, stream, events, ufrag, self.limits);
+        tracing::debug!(peer = id, role = peer.role_name(), stream = %peer.stream, "peer added");
+        let early = self.routes.add(&peer);
+        self.peers.insert(peer);
+        self.drain_peer(id, None);
+        let now = Instant::now();
+        for (source, data) in early {
+            self.handle_datagram(source, &data, now);
+        }
+    }
+
+    fn read_socket(&mut self, buf: &mut [u8]) {
+        for _ in 0..READ_BATCH {
+            let (n, source, arrived) = match inbox::recv(self.fd, buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors surface here on Linux; they concern one remote only.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            };
+            self.handle_datagram(source, &buf[..n], arrived);
+        }
+        // More may be waiting: make sure we come back without sleeping.
+        let _ = self
+            .poll
+            .registry()
+            .reregister(&mut self.socket, SOCKET, Interest::READABLE);
+    }
+
+    /// Hands one datagram, which reached the socket at `arrived`, to the peer
+    /// it belongs to.
+    fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], arrived: Instant) {
+        let Some(id) = self.routes.route(source, data, &mut self.peers) else {
+            self.counters.unrouted += 1;
+            return;
+        };
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local_label,
+                contents,
+            },
+        );
+        self.input(id, input, Some(arrived));
+        self.out.flush();
+    }
+
+    /// Feeds one input to a peer, then drains it (a failed peer is closed).
+    fn input(&mut self, id: PeerId, input: Input, arrived: Option<Instant>) {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return;
+        };
+        match peer.contained(|p| p.rtc.handle_input(input)) {
+            Some(Ok(())) => self.drain_peer(id, arrived),
+            Some(Err(e)) => {
+                tracing::debug!(peer = id, error = %e, "peer input error");
+                self.close_peer(id, "peer failed");
+            }
+            // A contained panic: the peer is dead; its wake-up frees it.
+            None => self.drain_peer(id, None),
+        }
+    }
+
+    /// Polls one peer until it has nothing more to say, sending what it
+    /// transmits and handling its events; then forwards any RTP it produced
+    /// (which arrived at `arrived`, if known).
+    fn drain_peer(&mut self, id: PeerId, arrived: Option<Instant>) {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return;
+        };
+        let (out, forward) = (&mut self.out, &mut self.forward);
+        peer.contained(|p| drain(p, out, forward));
+        peer.schedule(&mut self.timers);
+        if self.forward.is_empty() {
+            return;
+        }
+        let stream = peer.stream.clone();
+        let mut packets = std::mem::take(&mut self.forward);
+        for pkt in packets.drain(..) {
+            let at = arrived.unwrap_or(pkt.timestamp);
+            self.forward_packet(&stream, pkt, at);
+        }
+        self.forward = packets;
+    }
+
+    /// Sends one sender packet to every connected receiver of the stream and
+    /// to its MP3 pipeline.
+    fn forward_packet(&mut self, stream: &Arc<str>, pkt: RtpPacket, arrived: Instant) {
+        let Some(entry) = self.streams.get(stream) else {
+            return;
+        };
+        if let Some(mp3) = &entry.mp3 {
+            mp3.push(*pkt.seq_no, pkt.time.numer(), pkt.payload.clone());
+        }
+        self.counters.packets_in += 1;
+        self.counters.bytes_in += pkt.payload.len() as u64;
+        let packet = ForwardedPacket::new(&pkt, arrived, Instant::now());
+        let chunks = self.pool.chunks_for(entry.receivers.len());
+        let tally = if chunks > 1 {
+            // Disjoint borrows of this stream's receivers, for the threads.
+            let mut peers = self.peers.receivers_mut(stream);
+            self.pool
+                .forward(&mut peers, chunks, &packet, &mut self.out)
+        } else {
+            let mut tally = forward::Tally::default();
+            for id in &entry.receivers {
+                if let Some(peer) = self.peers.get_mut(*id) {
+                    forward::to_peer(peer, &packet, &mut self.out, &mut tally);
+                }
+            }
+            self.out.flush();
+            tally
+        };
+        self.counters.packets_out += tally.sent;
+        self.counters.by_str0m += tally.by_str0m;
+        self.counters.bytes_out += tally.sent * packet.payload_len() as u64;
+        self.timers.extend(tally.timers);
+        for id in tally.failed {
+            self.close_peer(id, "peer failed");
+        }
+    }
+
+    /// Wakes every peer whose timer is due: frees or closes it if its
+    /// deadline passed, else gives str0m its timeout.
+    fn handle_timers(&mut self, now: Instant) {
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(peer) = self.peers.get_mut(id) else {
+                continue;
+            };
+            if !peer.take_wake(at) {
+                continue; // superseded by an earlier entry
+            }
+            match peer.expiry(now) {
+                Some(Expiry::Free) => self.free_peer(id),
+                Some(Expiry::Close(why)) => self.close_peer(id, why),
+                None => self.input(id, Input::Timeout(now), None),
+            }
+        }
+        self.out.flush();
+    }
+
+    fn next_deadline(&self) -> Instant {
+        match self.timers.next() {
+            Some(t) => t.min(self.next_housekeeping),
+            None => self.next_housekeeping,
+        }
+    }
+
+    /// Starts closing a peer: RTCP BYE and DTLS close_notify go out, the
+    /// owner is told, and a sender's stream ends with it.
+    fn close_peer(&mut self, id: PeerId, why: &'static str) {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return;
+        };
+        if peer.closing_since.is_some() {
+            return;
+        }
+        peer.closing_since = Some(Instant::now());
+        if peer.rtc.close().is_err() {
+            peer.rtc.disconnect();
+        }
+        let out = &mut self.out;
+        peer.contained(|p| drain(p, out, &mut Vec::new()));
+        peer.schedule(&mut self.timers);
+        let _ = peer.events.send(PeerEvent::Closed(id, why));
+        metrics().peers_closed.with_label_values(&[why]).inc();
+        tracing::info!(peer = id, role = peer.role_name(), stream = %peer.stream, reason = why, "peer closed");
+        let stream = peer.stream.clone();
+        if peer.is_sender() {
+            self.end_stream(&stream, why);
+        } else if let Some(s) = self.streams.get_mut(&stream) {
+            s.receivers.retain(|r| *r != id);
+        }
+    }
+
+    /// Frees a peer that is dead, or done closing; one that died on its own
+    /// is first closed properly (its owner told).
+    fn free_peer(&mut self, id: PeerId) {
+        self.close_peer(id, "peer disconnected");
+        if let Some(p) = self.peers.remove(id) {
+            self.routes.remove(&p);
+            tracing::debug!(peer = id, "peer freed");
+        }
+    }
+
+    /// Ends a stream: its sender and all its receivers close, its MP3
+    /// pipeline is flushed and dropped.
+    fn end_stream(&mut self, stream: &Arc<str>, why: &'static str) {
+        let Some(entry) = self.streams.remove(stream) else {
+            return;
+        };
+        // Dropping the sink flushes the encoder and ends the MP3 listeners.
+        let StreamPeers {
+            sender,
+            receivers,
+            mp3: _,
+        } = entry;
+        if let Some(s) = sender {
+            self.close_peer(s, why);
+        }
+        for r in receivers {
+            self.close_peer(r, "stream ended");
+        }
+    }
+
+    fn close_all(&mut self) {
+        let streams: Vec<Arc<str>> = self.streams.keys().cloned().collect();
+        for s in streams {
+            self.end_stream(&s, "server shutting down");
+        }
+        let ids = self.peers.ids();
+        for id in ids {
+            self.close_peer(id, "server shutting down");
+        }
+    }
+}

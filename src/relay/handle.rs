@@ -1,0 +1,194 @@
+//! The relay as seen from async code: the [`Command`]s signalling sends it,
+//! the [`PeerEvent`]s it sends back, and the [`RelayHandle`] that carries
+//! both and builds each peer's `Rtc` (so the SDP answer or offer leaves at
+//! once, before the relay thread sees the peer).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::Waker;
+use str0m::config::DtlsCert;
+use str0m::media::Mid;
+use str0m::rtp::{Extension, ExtensionMap};
+use str0m::{Candidate, Rtc, RtcConfig};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::srtp::{self, KeySlot};
+use crate::mp3::PacketSink;
+
+/// Identifies one peer connection (one sender or one receiver leg).
+pub type PeerId = u64;
+
+/// Outgoing packets a receiver peer's str0m holds (its default is 50): str0m
+/// sends a copy only while the peer's SRTP keys are not tapped yet, in the
+/// same pass as it is written, and audio is never retransmitted.
+const RECEIVER_SEND_BUFFER: usize = 8;
+
+/// What the relay tells the connection that owns a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// ICE and DTLS completed: media flows.
+    Connected(PeerId),
+    /// The peer is gone (closed by us, by the remote, or failed); the reason is
+    /// for logs and error messages.
+    Closed(PeerId, &'static str),
+}
+
+pub type PeerEvents = UnboundedSender<PeerEvent>;
+
+/// Requests from signalling to the relay.
+pub enum Command {
+    /// A negotiated sender peer; its stream starts with it.
+    AddSender {
+        peer: PeerId,
+        stream: Arc<str>,
+        rtc: Box<Rtc>,
+        events: PeerEvents,
+        mp3: Option<PacketSink>,
+    },
+    /// A negotiated receiver peer for a stream.
+    AddReceiver {
+        peer: PeerId,
+        stream: Arc<str>,
+        rtc: Box<Rtc>,
+        /// Filled with its SRTP keys when its DTLS handshake completes.
+        keys: KeySlot,
+        /// The audio m-line we offered.
+        mid: Mid,
+        events: PeerEvents,
+    },
+    /// A trickled remote candidate.
+    RemoteCandidate { peer: PeerId, candidate: Candidate },
+    /// Close one peer (the client stopped or went away).
+    ClosePeer { peer: PeerId },
+    /// End a stream: close its sender and every receiver.
+    EndStream { stream: Arc<str> },
+    /// Close everything and stop the loop.
+    Shutdown,
+    /// Panics the relay thread outside any peer's containment: lets tests
+    /// see what a dead relay thread does to the process. Unit tests only.
+    #[cfg(test)]
+    Crash,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the media relay is overloaded, try again")]
+    Busy,
+    #[error("the media relay has stopped")]
+    Stopped,
+}
+
+/// Cheap, cloneable access to the relay from async code.
+#[derive(Clone)]
+pub struct RelayHandle {
+    commands: SyncSender<Command>,
+    waker: Arc<Waker>,
+    candidates: Arc<Vec<SocketAddr>>,
+    cert: DtlsCert,
+    next_peer: Arc<AtomicU64>,
+}
+
+impl RelayHandle {
+    pub(super) fn new(
+        commands: SyncSender<Command>,
+        waker: Arc<Waker>,
+        candidates: Vec<SocketAddr>,
+        cert: DtlsCert,
+    ) -> Self {
+        RelayHandle {
+            commands,
+            waker,
+            candidates: Arc::new(candidates),
+            cert,
+            next_peer: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub fn send(&self, cmd: Command) -> Result<(), RelayError> {
+        match self.commands.try_send(cmd) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(RelayError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(RelayError::Stopped),
+        }
+    }
+
+    pub fn next_peer_id(&self) -> PeerId {
+        self.next_peer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new sender peer configured for this relay: RTP mode, ICE lite, Opus
+    /// only, the shared DTLS certificate, and our host candidates. It answers
+    /// the browser's offer with str0m's standard header extensions (the
+    /// browser may use transport-cc feedback for its own send-rate control).
+    pub fn new_sender_rtc(&self) -> Rtc {
+        RtcBuilder::new(&self.cert, &self.candidates).sender()
+    }
+
+    /// A new receiver peer: see [`RtcBuilder::receiver`]. The slot receives
+    /// the peer's SRTP keys when its DTLS handshake completes.
+    pub fn new_receiver_rtc(&self) -> (Rtc, KeySlot) {
+        RtcBuilder::new(&self.cert, &self.candidates).receiver()
+    }
+}
+
+/// Builds the `Rtc` of one peer of this relay.
+pub(super) struct RtcBuilder<'a> {
+    cert: &'a DtlsCert,
+    candidates: &'a [SocketAddr],
+}
+
+impl<'a> RtcBuilder<'a> {
+    pub(super) fn new(cert: &'a DtlsCert, candidates: &'a [SocketAddr]) -> Self {
+        RtcBuilder { cert, candidates }
+    }
+
+    fn base_config(&self) -> RtcConfig {
+        Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_dtls_cert(self.cert.clone())
+    }
+
+    pub(super) fn sender(&self) -> Rtc {
+        let mut rtc = self.base_config().build(Instant::now());
+        self.add_candidates(&mut rtc);
+        rtc
+    }
+
+    /// As a sender, but trimmed for a leg that only ever sends one Opus
+    /// stream. Its offer names just the audio-level and MID header
+    /// extensions: without transport-cc, str0m keeps no per-packet send
+    /// register (1000 records, ~90 KB per peer) and the browser sends no
+    /// feedback reports 10-20 times a second. Nothing is retransmitted for
+    /// Opus (browsers do not NACK audio), and the relay protects and sends
+    /// forwarded packets itself, so the send buffer is kept small.
+    pub(super) fn receiver(&self) -> (Rtc, KeySlot) {
+        let mut exts = ExtensionMap::empty();
+        exts.set(1, Extension::AudioLevel);
+        exts.set(4, Extension::RtpMid);
+        let config = self
+            .base_config()
+            .set_extension_map(exts)
+            .set_send_buffer_audio(RECEIVER_SEND_BUFFER);
+        let (mut rtc, keys) = srtp::build_tapped(config, Instant::now());
+        self.add_candidates(&mut rtc);
+        (rtc, keys)
+    }
+
+    fn add_candidates(&self, rtc: &mut Rtc) {
+        for addr in self.candidates {
+            if let Ok(c) = Candidate::host(*addr, "udp") {
+                rtc.add_local_candidate(c);
+            }
+        }
+    }
+}
