@@ -9,11 +9,19 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::Access;
+use crate::proxy::{ProxyNet, TrustedProxies};
+
+/// The values of `--log-level`.
+pub const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
 
 /// Real-time voice relay: WebRTC (Opus) in, WebRTC and live MP3 out.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "voice-relay", version, about)]
 pub struct Config {
+    /// What to do; without one, run the server.
+    #[command(subcommand)]
+    pub action: Option<Action>,
+
     /// Address for HTTP and WebSocket signalling.
     #[arg(long, env = "VOICE_RELAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -147,6 +155,33 @@ pub struct Config {
     #[arg(long, env = "VOICE_RELAY_MAX_MESSAGES_PER_SEC", default_value_t = 20)]
     pub max_messages_per_sec: u32,
 
+    /// Address or network (ADDR/PREFIX) of a reverse proxy (repeatable; comma
+    /// separated in the environment variable). Only for connections from
+    /// these, the client address is taken from X-Forwarded-For (or
+    /// Forwarded): the right-most address that is not a trusted proxy. The
+    /// per-address connection limit counts that address.
+    #[arg(
+        long = "trusted-proxy",
+        env = "VOICE_RELAY_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxy: Vec<ProxyNet>,
+
+    /// Read options from this JSON file (a Home Assistant add-on's
+    /// options). Default: /data/options.json when it exists. Flags and
+    /// environment variables win over the file.
+    #[arg(long, env = "VOICE_RELAY_OPTIONS_FILE")]
+    pub options_file: Option<PathBuf>,
+
+    /// Directory the options file's certfile and keyfile are relative to.
+    #[arg(long, env = "VOICE_RELAY_SSL_DIR", default_value = "/ssl")]
+    pub ssl_dir: PathBuf,
+
+    /// Log level of the relay's messages (RUST_LOG, when set, wins).
+    #[arg(long, env = "VOICE_RELAY_LOG_LEVEL", default_value = "info",
+          value_parser = clap::builder::PossibleValuesParser::new(LOG_LEVELS))]
+    pub log_level: String,
+
     /// MP3 bit rate in kbit/s (CBR).
     #[arg(long, env = "VOICE_RELAY_MP3_BITRATE", default_value_t = 128)]
     pub mp3_bitrate: u32,
@@ -162,7 +197,28 @@ pub struct Config {
     pub mp3_wait_ms: u64,
 }
 
+/// What `voice-relay` does besides running the server.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Action {
+    /// Probe the running server (exit status 0 when healthy, 1 otherwise).
+    ///
+    /// GET /health on the --listen address (on 127.0.0.1 when it is 0.0.0.0;
+    /// over TLS, any certificate accepted, when TLS is configured). Reads the
+    /// same flags, environment and options file as the server:
+    /// `voice-relay [FLAGS] health`.
+    Health {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
+}
+
 impl Config {
+    /// Whether the main listener serves HTTPS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_self_signed
+    }
+
     /// The UDP address the media socket binds.
     pub fn rtc_bind(&self) -> SocketAddr {
         SocketAddr::new(
@@ -220,6 +276,11 @@ impl Config {
             listen_token: nonempty(&self.listen_token),
             allowed_origins: self.allowed_origin.clone(),
         })
+    }
+
+    /// The proxies whose forwarded client addresses are believed.
+    pub fn trusted_proxies(&self) -> TrustedProxies {
+        TrustedProxies::new(self.trusted_proxy.clone())
     }
 
     pub fn sender_idle(&self) -> Duration {

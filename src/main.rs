@@ -7,28 +7,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::CommandFactory;
 use tracing_subscriber::EnvFilter;
 
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
-use voice_relay::config::Config;
+use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
 use voice_relay::mp3::Mp3Config;
+use voice_relay::options;
+use voice_relay::probe::Probe;
 use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig};
 use voice_relay::signalling::Signalling;
 use voice_relay::tls;
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let configured = match options::configure(&Config::command().get_matches()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("voice-relay: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let config = configured.config;
+    if let Some(Action::Health { timeout_secs }) = config.action {
+        health(&config, Duration::from_secs(timeout_secs.max(1)));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("voice_relay=info,str0m=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            let str0m = if config.log_level == "error" {
+                "error"
+            } else {
+                "warn"
+            };
+            EnvFilter::new(format!("voice_relay={},str0m={str0m}", config.log_level))
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(path) = &configured.options_file {
+        tracing::info!(file = %path.display(), "options file applied (flags and environment variables win)");
+    }
+    for key in &configured.unknown_keys {
+        tracing::warn!("options file: unknown option {key:?} ignored (from a newer version?)");
+    }
     raise_fd_limit();
     // A panic is logged like any other event; tokio contains one in a
     // connection's task, the relay contains one to its peer.
@@ -90,6 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         mp3_wait: Duration::from_millis(config.mp3_wait_ms),
         ca_pem: tls.as_ref().map(|t| Arc::new(t.ca_pem.clone())),
         access: Arc::new(config.access().context("reading --token-file")?),
+        trusted_proxies: Arc::new(config.trusted_proxies()),
     };
 
     let handle = axum_server::Handle::<SocketAddr>::new();
@@ -157,6 +180,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// `voice-relay health`: probes the configured listener and exits 0 when
+/// healthy, 1 otherwise.
+fn health(config: &Config, timeout: Duration) -> ! {
+    let probe = Probe::new(config.listen, config.serves_tls(), timeout);
+    match probe.check() {
+        Ok(()) => {
+            println!("healthy: {}", probe.url());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {}: {e}", probe.url());
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Binds a TCP listener with a deep accept queue: thousands of MP3 listeners

@@ -24,6 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::access::Access;
 use crate::metrics::metrics;
+use crate::proxy::TrustedProxies;
 use crate::registry::{Registry, StreamEvent};
 use crate::signalling::{self, Signalling};
 use crate::web;
@@ -44,6 +45,8 @@ pub struct AppState {
     /// The certificate offered at `/ca.crt` when serving TLS.
     pub ca_pem: Option<Arc<Vec<u8>>>,
     pub access: Arc<Access>,
+    /// Proxies whose forwarded client address is believed.
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 /// Why a request is refused: status, a JSON `error` message, and maybe one
@@ -333,8 +336,9 @@ fn upgrade_ws(
     headers: &HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let ip = state.trusted_proxies.client_ip(peer.ip(), headers);
     if !state.access.origin_allowed(headers) {
-        tracing::info!(ip = %peer.ip(), "WebSocket refused: origin not allowed");
+        tracing::info!(%ip, "WebSocket refused: origin not allowed");
         metrics().limit_hits.with_label_values(&["origin"]).inc();
         return Refusal::new(
             StatusCode::FORBIDDEN,
@@ -344,14 +348,14 @@ fn upgrade_ws(
     }
     let allowed = state.access.of_request(uri, headers);
     if !allowed.any() {
-        tracing::info!(ip = %peer.ip(), "WebSocket refused: no valid token");
+        tracing::info!(%ip, "WebSocket refused: no valid token");
         return unauthorized("the WebSocket").into_response();
     }
     let max = state.max_message_bytes;
     let ctx = state.signalling.clone();
     let per_ip = ctx.limits.connections_per_ip;
-    let Some(guard) = ctx.registry.ip_guard(peer.ip(), per_ip) else {
-        tracing::info!(ip = %peer.ip(), "too many WebSocket connections from one address");
+    let Some(guard) = ctx.registry.ip_guard(ip, per_ip) else {
+        tracing::info!(%ip, "too many WebSocket connections from one address");
         metrics()
             .limit_hits
             .with_label_values(&["connections_per_ip"])

@@ -59,7 +59,7 @@ class RelayServer:
         env.setdefault("NO_COLOR", "1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [str(self.bin), "--listen", f"{self.host}:{self.port}", *self.extra_args],
+            self.argv(),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -82,6 +82,10 @@ class RelayServer:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"server /health not up within {timeout}s ({last_err})\n{self.log_tail()}")
+
+    def argv(self) -> list[str]:
+        """The command line the server is started with."""
+        return [str(self.bin), "--listen", f"{self.host}:{self.port}", *self.extra_args]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

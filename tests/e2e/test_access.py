@@ -135,3 +135,53 @@ def test_token_file(tmp_path) -> None:  # noqa: ANN001
     finally:
         _finish(srv)
     assert_no_token_in_log(srv, ALL)
+
+
+async def ws_accepted(url: str, forwarded_for: str | None, open_: list) -> int | None:
+    """Opens a WebSocket (kept in ``open_``); None when accepted, else the refusal's HTTP status."""
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    try:
+        ws = await ws_connect(url, additional_headers=headers, open_timeout=5)
+    except InvalidStatus as e:
+        return e.response.status_code
+    first = await asyncio.wait_for(ws.recv(), 5)
+    assert '"available_streams"' in first, first
+    open_.append(ws)
+    return None
+
+
+@with_args("--trusted-proxy", "127.0.0.1", "--max-connections-per-ip", "1")
+def test_trusted_proxy_forwarded_client(server: RelayServer) -> None:
+    """Behind a trusted proxy (here 127.0.0.1), the per-address limit counts forwarded clients."""
+
+    async def body(c: Clients) -> None:
+        open_: list = []
+        try:
+            # Two clients behind the proxy: one connection each passes the limit of 1.
+            assert await ws_accepted(server.ws, "192.168.1.10", open_) is None
+            assert await ws_accepted(server.ws, "192.168.1.11", open_) is None
+            # A forged left-most entry does not help: the right-most untrusted hop counts.
+            assert await ws_accepted(server.ws, "203.0.113.9, 192.168.1.10", open_) == 429
+            assert await ws_accepted(server.ws, "192.168.1.11, 127.0.0.1", open_) == 429
+            # The proxy itself (no header) is one more address.
+            assert await ws_accepted(server.ws, None, open_) is None
+            assert await ws_accepted(server.ws, None, open_) == 429
+        finally:
+            for ws in open_:
+                await ws.close()
+
+    relay(server, body)
+
+
+@with_args("--max-connections-per-ip", "1")
+def test_forwarded_header_ignored_without_trusted_proxy(server: RelayServer) -> None:
+    async def body(c: Clients) -> None:
+        open_: list = []
+        try:
+            assert await ws_accepted(server.ws, "192.168.1.10", open_) is None
+            assert await ws_accepted(server.ws, "192.168.1.11", open_) == 429
+        finally:
+            for ws in open_:
+                await ws.close()
+
+    relay(server, body)
