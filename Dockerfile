@@ -16,6 +16,8 @@ VOLUME ["/data"]
 WORKDIR /data
 # HTTP + WebSocket signalling on tcp, every WebRTC peer on the one udp socket.
 EXPOSE 8080/tcp 8080/udp
+# The probe reads the same environment and options file as the server (not the flags
+# given after the image name): set a non-default port through those.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["/voice-relay", "health"]
 ENTRYPOINT ["/voice-relay"]

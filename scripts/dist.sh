@@ -60,8 +60,11 @@ ensure_rust_targets() {
 
 ensure_zigbuild() {
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    if ! "$VENV/bin/python" -m pip show ziglang 2>/dev/null | grep -qx "Version: $ZIGLANG_VERSION" \
-        || ! "$VENV/bin/cargo-zigbuild" --version 2>/dev/null | grep -q " $CARGO_ZIGBUILD_VERSION\$"; then
+    local zig zigbuild
+    zig=$("$VENV/bin/python" -m pip show ziglang 2>/dev/null || true)
+    zigbuild=$("$VENV/bin/cargo-zigbuild" --version 2>/dev/null || true)
+    if ! grep -qx "Version: $ZIGLANG_VERSION" <<<"$zig" \
+        || [ "$zigbuild" != "cargo-zigbuild $CARGO_ZIGBUILD_VERSION" ]; then
         log "venv $VENV: ziglang $ZIGLANG_VERSION, cargo-zigbuild $CARGO_ZIGBUILD_VERSION"
         "$VENV/bin/python" -m pip install --quiet \
             "ziglang==$ZIGLANG_VERSION" "cargo-zigbuild==$CARGO_ZIGBUILD_VERSION"
@@ -95,6 +98,11 @@ check_static() {
         *"statically linked"*|*"static-pie linked"*) ;;
         *) echo "dist.sh: $bin is not statically linked" >&2; exit 1 ;;
     esac
+    # ldd fails on a static executable (of either architecture)
+    if ldd "$bin" >/dev/null 2>&1; then
+        echo "dist.sh: ldd lists libraries for $bin" >&2
+        exit 1
+    fi
 }
 
 # Licence texts of every crate in the binary's dependency graph (Rust crates and the C
@@ -159,4 +167,4 @@ main() {
     ls -l "$DIST"/*.tar.gz >&2
 }
 
-main "$@"
+main "$@"; exit
