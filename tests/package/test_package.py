@@ -24,10 +24,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from clients import Clients, ToneReceiver, ToneSender, assert_tone, run  # noqa: E402
+from clients import Clients, assert_tone, run  # noqa: E402
 from relay_server import RelayServer, free_port  # noqa: E402
 from test_mp3 import assert_clean_tone, ffmpeg_capture  # noqa: E402
-from test_tls import trust_only, wss_signal  # noqa: E402
+from test_tls import trust_only, wss_call  # noqa: E402
 
 # Measured here (podman 4.3 as root, without CAP_SYS_RESOURCE): run with runc, which can only
 # lower the rlimits podman sets (nofile, nproc). --network host: the test's namespace, which
@@ -257,17 +257,10 @@ def tls_call_and_listen(c: Container, ctx: ssl.SSLContext, audio_port: int) -> N
 
     async def main() -> None:
         async with Clients(c.ws, c.http) as clients:
-            s = await wss_signal(c.ws, ctx, "wss_sender")
-            clients.signals.append(s)
-            snd = clients.track(ToneSender(s, 440))
-            sid = await snd.start()
-            r = await wss_signal(c.ws, ctx, "wss_receiver")
-            clients.signals.append(r)
-            rx = clients.track(ToneReceiver(r))
-            await rx.start(sid)
+            snd, rx = await wss_call(clients, c.ws, ctx, 440)
             await rx.wait_audio(1.5, timeout=20.0)
             assert_tone(rx, 440, min_purity=0.8)
-            cap = await ffmpeg_capture(f"http://127.0.0.1:{audio_port}/stream/{sid}.mp3", 4.0, timeout=30.0)
+            cap = await ffmpeg_capture(f"http://127.0.0.1:{audio_port}/stream/{snd.stream_id}.mp3", 4.0, timeout=30.0)
             assert cap.returncode == 0, cap.stderr[-500:]
             assert_clean_tone(cap, 440, "mp3 listener on the audio port")
 
