@@ -156,7 +156,13 @@ fn send_batch(fd: RawFd, items: &[Datagram]) -> io::Result<usize> {
             hdr.msg_iov = &mut iovs[i];
             hdr.msg_iovlen = 1;
         }
-        let r = libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT);
+        // The flags are `c_int` on glibc and `c_uint` on musl: `as _` fits both.
+        let r = libc::sendmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT as _,
+        );
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {

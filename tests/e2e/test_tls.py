@@ -136,6 +136,20 @@ async def wss_signal(url: str, ctx: ssl.SSLContext, name: str) -> Signal:
     return s
 
 
+async def wss_call(c: Clients, url: str, ctx: ssl.SSLContext, freq: float) -> tuple[ToneSender, ToneReceiver]:
+    """An aiortc sender and a receiver of its stream, both signalling over WSS verified with
+    ``ctx``."""
+    s = await wss_signal(url, ctx, "wss_sender")
+    c.signals.append(s)
+    snd = c.track(ToneSender(s, freq))
+    await snd.start()
+    rs = await wss_signal(url, ctx, "wss_receiver")
+    c.signals.append(rs)
+    rx = c.track(ToneReceiver(rs))
+    await rx.start(snd.stream_id)
+    return snd, rx
+
+
 async def raw_get_head(port: int, path: str, nbytes: int = 2048, timeout: float = 10.0) -> tuple[str, dict, bytes]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
@@ -188,14 +202,8 @@ def test_tls_self_signed_end_to_end(server: TlsRelay, data_dir: Path) -> None:
                 assert await s.request_streams() == []
 
             # A full sender over WSS; media over the one UDP port.
-            s = await wss_signal(server.wss, ctx, "wss_sender")
-            c.signals.append(s)
-            snd = c.track(ToneSender(s, 440))
-            sid = await snd.start()
-            rs = await wss_signal(server.wss, ctx, "wss_receiver")
-            c.signals.append(rs)
-            rx = c.track(ToneReceiver(rs))
-            await rx.start(sid)
+            snd, rx = await wss_call(c, server.wss, ctx, 440)
+            sid = snd.stream_id
             await rx.wait_audio(1.5)
             assert_tone(rx, 440)
 

@@ -1,0 +1,23 @@
+# voice-relay image: the static (musl) binary on an empty base. No shell, no libc, no
+# CA certificates (the server makes no outbound TLS connections).
+#
+# Build context: the repository after `bash scripts/dist.sh`, which leaves the binary
+# for each architecture in dist/image/<amd64|arm64>/voice-relay. Nothing is pulled.
+#   docker buildx build --platform linux/amd64,linux/arm64 -t "$(cat packaging/image-name)" .
+#   podman build --format docker --platform linux/arm64 -t voice-relay .   (docker format keeps HEALTHCHECK)
+#
+# State (the self-signed certificate and its CA) lives in /data; a Home Assistant
+# options file at /data/options.json is read at start.
+FROM scratch
+ARG TARGETARCH
+COPY dist/image/${TARGETARCH}/voice-relay /voice-relay
+ENV VOICE_RELAY_DATA_DIR=/data
+VOLUME ["/data"]
+WORKDIR /data
+# HTTP + WebSocket signalling on tcp, every WebRTC peer on the one udp socket.
+EXPOSE 8080/tcp 8080/udp
+# The probe reads the same environment and options file as the server (not the flags
+# given after the image name): set a non-default port through those.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/voice-relay", "health"]
+ENTRYPOINT ["/voice-relay"]
