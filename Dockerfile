@@ -8,8 +8,22 @@
 #
 # State (the self-signed certificate and its CA) lives in /data; a Home Assistant
 # options file at /data/options.json is read at start.
-FROM scratch
+#
+# Home Assistant reads the io.hass.* labels of an add-on's image; its architecture names
+# differ from Docker's (arm64 is aarch64), so each platform starts from its own stage.
+FROM scratch AS base-amd64
+LABEL io.hass.arch="amd64"
+FROM scratch AS base-arm64
+LABEL io.hass.arch="aarch64"
+
+FROM base-${TARGETARCH}
 ARG TARGETARCH
+ARG VERSION=dev
+LABEL io.hass.type="addon" \
+      io.hass.version="${VERSION}" \
+      org.opencontainers.image.title="voice-relay" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT AND LGPL-2.0-or-later"
 COPY dist/image/${TARGETARCH}/voice-relay /voice-relay
 ENV VOICE_RELAY_DATA_DIR=/data
 VOLUME ["/data"]

@@ -134,7 +134,7 @@ pack() {
     rm -rf "$stage"
     mkdir -p "$stage/licenses"
     install -m 0755 "$bin" "$stage/voice-relay"
-    cp README.md "$stage/"
+    cp README.md LICENSE "$stage/"
     cp licenses/* "$stage/licenses/"
     write_third_party "$arch-unknown-linux-musl" "$stage/licenses/third-party"
     write_rebuild_notes "$stage/REBUILD.md"

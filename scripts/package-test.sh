@@ -52,10 +52,18 @@ for arch in amd64 arm64; do
     step "podman build linux/$arch"
     t0=$(date +%s)
     # buildah sets TARGETARCH from --platform, as buildx does
-    podman build --quiet --format docker --platform "linux/$arch" -t "$IMAGE-$arch" . >/dev/null
+    podman build --quiet --format docker --platform "linux/$arch" --build-arg "VERSION=$VERSION" \
+        -t "$IMAGE-$arch" . >/dev/null
     image_seconds[$arch]=$(( $(date +%s) - t0 ))
     got=$(podman image inspect --format '{{.Os}}/{{.Architecture}}' "$IMAGE-$arch")
     [ "$got" = "linux/$arch" ] || { echo "image $IMAGE-$arch is $got" >&2; exit 1; }
+    # Home Assistant's labels: its arch names (arm64 is aarch64), the add-on's version.
+    want_hass_arch=$arch; [ "$arch" = arm64 ] && want_hass_arch=aarch64
+    labels=$(podman image inspect --format \
+        '{{index .Labels "io.hass.arch"}} {{index .Labels "io.hass.type"}} {{index .Labels "io.hass.version"}}' \
+        "$IMAGE-$arch")
+    [ "$labels" = "$want_hass_arch addon $VERSION" ] \
+        || { echo "image $IMAGE-$arch has io.hass labels '$labels'" >&2; exit 1; }
 done
 
 # qemu-user runs the aarch64 binary directly (no binfmt registration needed)

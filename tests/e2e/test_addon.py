@@ -85,8 +85,7 @@ def test_config_keys(config: dict[str, Any]) -> None:
     assert re.fullmatch(r"[a-z0-9.-]+(/[a-z0-9._-]+)+", image), f"image {image!r}: a name without tag (the tag is version)"
     # The image name is set in one place for the release workflow (packaging/image-name).
     name_file = REPO / "packaging" / "image-name"
-    if name_file.is_file():
-        assert image == name_file.read_text().strip(), (image, name_file.read_text())
+    assert image == name_file.read_text().strip(), (image, name_file.read_text())
     assert config["host_network"] is True
     assert config["privileged"] == ["SYS_NICE"], config["privileged"]
     assert config["map"] == ["ssl:ro"], config["map"]
