@@ -13,5 +13,6 @@ pub mod priority;
 pub mod registry;
 pub mod relay;
 pub mod signalling;
+pub mod sync;
 pub mod tls;
 pub mod web;
