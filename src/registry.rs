@@ -186,6 +186,7 @@ impl Registry {
     }
 
     /// Receiver legs of one stream.
+    #[cfg(test)]
     pub fn stream_receivers(&self, id: &str) -> usize {
         self.lock()
             .find(id)

@@ -140,9 +140,17 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ServerMessage> 
     })
 }
 
+/// Checks that a sender's `offer` is one, and can be relayed.
+pub fn check_sender_offer(offer: &SessionDescription) -> Result<(), String> {
+    if offer.kind != "offer" {
+        return Err("webrtc_offer.offer.type must be \"offer\"".into());
+    }
+    check_sender_sdp(&offer.sdp)
+}
+
 /// Checks that an SDP offer from a sender can be relayed: it must carry an
 /// audio m-line that offers Opus.
-pub fn check_sender_sdp(sdp: &str) -> Result<(), String> {
+fn check_sender_sdp(sdp: &str) -> Result<(), String> {
     let lower = sdp.to_ascii_lowercase();
     if !lower.lines().any(|l| l.starts_with("m=audio")) {
         return Err("the offer has no audio track (m=audio)".into());

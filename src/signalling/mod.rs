@@ -111,19 +111,24 @@ fn on_frame(session: &mut Session, msg: Option<Result<Message, axum::Error>>) ->
 /// error means the client is gone.
 fn on_socket_error(session: &Session, error: axum::Error) -> Next {
     let error = error.into_inner();
-    let oversized = matches!(
-        error.downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(
-            CapacityError::MessageTooLong { .. }
-        ))
-    );
-    if oversized {
+    if is_oversized(&*error) {
         tracing::info!(conn = %session.id, %error, "oversized message, closing");
         Next::CloseOversized
     } else {
         tracing::debug!(conn = %session.id, %error, "websocket dropped");
         Next::Leave
     }
+}
+
+/// Whether a WebSocket read failed on a message over the size limit (the
+/// frame or the whole message), by tungstenite's error type.
+fn is_oversized(error: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        error.downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(
+            CapacityError::MessageTooLong { .. }
+        ))
+    )
 }
 
 fn on_stream_event(
@@ -228,4 +233,22 @@ where
         tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await,
         Ok(Ok(()))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_messages_are_told_by_error_type_not_text() {
+        let too_long = tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+            size: 4096,
+            max_size: 2048,
+        });
+        assert!(is_oversized(&*axum::Error::new(too_long).into_inner()));
+        let lookalike = std::io::Error::other("message too long");
+        assert!(!is_oversized(&*axum::Error::new(lookalike).into_inner()));
+        let headers = tungstenite::Error::Capacity(CapacityError::TooManyHeaders);
+        assert!(!is_oversized(&*axum::Error::new(headers).into_inner()));
+    }
 }

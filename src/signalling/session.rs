@@ -12,7 +12,7 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, Rtc};
 
 use super::messages::{
-    check_sender_sdp, parse_client_message, ClientMessage, ServerMessage, SessionDescription,
+    check_sender_offer, parse_client_message, ClientMessage, ServerMessage, SessionDescription,
 };
 use super::rate_limit::{Admit, RateLimit};
 use super::Signalling;
@@ -199,10 +199,7 @@ impl Session {
             }
             _ => return self.error("bad_state", "send start_sending before webrtc_offer"),
         };
-        if offer.kind != "offer" {
-            return self.error("bad_sdp", "webrtc_offer.offer.type must be \"offer\"");
-        }
-        if let Err(e) = check_sender_sdp(&offer.sdp) {
+        if let Err(e) = check_sender_offer(&offer) {
             return self.error("bad_sdp", e);
         }
         let slot = match self
@@ -214,14 +211,9 @@ impl Session {
             Err(why) => return self.refused(why),
         };
         let started = Instant::now();
-        let sdp = match SdpOffer::from_sdp_string(&offer.sdp) {
-            Ok(s) => s,
-            Err(e) => return self.error("bad_sdp", format!("invalid SDP offer: {e}")),
-        };
-        let mut rtc = self.ctx.relay.new_sender_rtc();
-        let answer = match rtc.sdp_api().accept_offer(sdp) {
-            Ok(a) => a,
-            Err(e) => return self.error("bad_sdp", format!("cannot accept the SDP offer: {e}")),
+        let (rtc, answer) = match self.answer_sender(&offer.sdp) {
+            Ok(negotiated) => negotiated,
+            Err(e) => return self.error("bad_sdp", e),
         };
         let events = self.peer_events.clone();
         let peer = match self.ctx.start_stream(slot, &stream, rtc, events) {
@@ -229,19 +221,27 @@ impl Session {
             Err(e) => return self.error(e.code(), e.to_string()),
         };
         self.out.push(ServerMessage::WebrtcAnswer {
-            answer: SessionDescription::answer(answer.to_sdp_string()),
+            answer: SessionDescription::answer(answer),
         });
+        let elapsed = started.elapsed();
         metrics()
             .offer_answer_seconds
-            .observe(started.elapsed().as_secs_f64());
-        tracing::info!(
-            conn = %self.id,
-            stream = %stream,
-            peer,
-            micros = started.elapsed().as_micros() as u64,
-            "sender offer answered"
-        );
+            .observe(elapsed.as_secs_f64());
+        let micros = elapsed.as_micros() as u64;
+        tracing::info!(conn = %self.id, stream = %stream, peer, micros, "sender offer answered");
         self.state = State::Sending { stream, peer };
+    }
+
+    /// A sender peer that accepted `offer`, and its SDP answer.
+    fn answer_sender(&self, offer: &str) -> Result<(Rtc, String), String> {
+        let sdp =
+            SdpOffer::from_sdp_string(offer).map_err(|e| format!("invalid SDP offer: {e}"))?;
+        let mut rtc = self.ctx.relay.new_sender_rtc();
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(sdp)
+            .map_err(|e| format!("cannot accept the SDP offer: {e}"))?;
+        Ok((rtc, answer.to_sdp_string()))
     }
 
     /// The live stream a `start_receiving` asks for (`None` or empty: the
@@ -351,6 +351,26 @@ impl Session {
         let State::Offering(offer) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
+        let (stream, peer) = (offer.stream.clone(), offer.peer);
+        let slot = match self.add_receiver(*offer, sdp) {
+            Ok(slot) => slot,
+            Err((code, message)) => return self.error(code, message),
+        };
+        tracing::info!(conn = %self.id, stream = %stream, peer, "receiver answer accepted");
+        self.state = State::Receiving {
+            stream,
+            peer,
+            _slot: slot,
+        };
+    }
+
+    /// Completes an offered leg with the client's answer and hands it to the
+    /// relay; the leg's slot goes on counting it. Errors: code and message.
+    fn add_receiver(
+        &self,
+        offer: Offer,
+        answer: SdpAnswer,
+    ) -> Result<ReceiverSlot, (&'static str, String)> {
         let Offer {
             stream,
             peer,
@@ -360,29 +380,25 @@ impl Session {
             mid,
             slot,
             ..
-        } = *offer;
-        if let Err(e) = rtc.sdp_api().accept_answer(pending, sdp) {
-            return self.error("bad_sdp", format!("cannot accept the SDP answer: {e}"));
+        } = offer;
+        if let Err(e) = rtc.sdp_api().accept_answer(pending, answer) {
+            return Err(("bad_sdp", format!("cannot accept the SDP answer: {e}")));
         }
         if relay::negotiated_opus_pt(&rtc, mid).is_none() {
-            return self.error("bad_sdp", "the answer does not accept Opus audio");
+            return Err(("bad_sdp", "the answer does not accept Opus audio".into()));
         }
-        if let Err(e) = self.ctx.relay.send(Command::AddReceiver {
+        let command = Command::AddReceiver {
             peer,
-            stream: stream.clone(),
+            stream,
             rtc: Box::new(rtc),
             keys,
             mid,
             events: self.peer_events.clone(),
-        }) {
-            return self.error("busy", e.to_string());
-        }
-        tracing::info!(conn = %self.id, stream = %stream, peer, "receiver answer accepted");
-        self.state = State::Receiving {
-            stream,
-            peer,
-            _slot: slot,
         };
+        match self.ctx.relay.send(command) {
+            Ok(()) => Ok(slot),
+            Err(e) => Err(("busy", e.to_string())),
+        }
     }
 
     fn ice_candidate(&mut self, candidate: Option<String>) {
