@@ -132,6 +132,14 @@ impl Client {
     }
 }
 
+/// A server with one live stream: the server, its sender and the stream.
+fn with_live_stream() -> (Arc<Signalling>, Client, Arc<str>) {
+    let ctx = server(limits());
+    let mut tx = Client::new(&ctx);
+    let stream = tx.start_stream();
+    (ctx, tx, stream)
+}
+
 /// What a browser sending its microphone offers.
 fn browser_offer() -> String {
     let mut rtc = Rtc::builder().build(Instant::now());
@@ -151,9 +159,7 @@ fn browser_answer(offer: &str) -> String {
 
 #[test]
 fn sender_goes_ready_sending_idle_and_its_stream_with_it() {
-    let ctx = server(limits());
-    let mut tx = Client::new(&ctx);
-    let stream = tx.start_stream();
+    let (ctx, mut tx, stream) = with_live_stream();
     assert_eq!(ctx.registry.list(), vec![stream.clone()]);
     assert_eq!(ctx.registry.senders(), 1);
 
@@ -172,9 +178,7 @@ fn sender_goes_ready_sending_idle_and_its_stream_with_it() {
 
 #[test]
 fn a_sender_peer_closed_by_the_relay_ends_the_listing() {
-    let ctx = server(limits());
-    let mut tx = Client::new(&ctx);
-    let stream = tx.start_stream();
+    let (ctx, mut tx, stream) = with_live_stream();
     let State::Sending { peer, .. } = tx.session.state else {
         panic!("not sending");
     };
@@ -189,9 +193,7 @@ fn a_sender_peer_closed_by_the_relay_ends_the_listing() {
 
 #[test]
 fn receiver_goes_offering_receiving_idle_holding_one_slot() {
-    let ctx = server(limits());
-    let mut tx = Client::new(&ctx);
-    let stream = tx.start_stream();
+    let (ctx, _tx, stream) = with_live_stream();
     let mut rx = Client::new(&ctx);
     let offer = rx.start_receiving(&stream);
     assert!(matches!(rx.session.state, State::Offering(_)));
@@ -224,9 +226,7 @@ fn receiver_goes_offering_receiving_idle_holding_one_slot() {
 
 #[test]
 fn an_unanswered_offer_is_withdrawn_at_the_handshake_timeout() {
-    let ctx = server(limits());
-    let mut tx = Client::new(&ctx);
-    let stream = tx.start_stream();
+    let (ctx, _tx, stream) = with_live_stream();
     let mut rx = Client::new(&ctx);
     rx.start_receiving(&stream);
     let deadline = rx.session.deadline().expect("a deadline while offering");
@@ -257,9 +257,7 @@ fn an_unanswered_offer_is_withdrawn_at_the_handshake_timeout() {
 
 #[test]
 fn an_offer_for_an_ended_stream_is_withdrawn() {
-    let ctx = server(limits());
-    let mut tx = Client::new(&ctx);
-    let stream = tx.start_stream();
+    let (ctx, mut tx, stream) = with_live_stream();
     let mut rx = Client::new(&ctx);
     rx.start_receiving(&stream);
     tx.send(r#"{"type":"stop_stream"}"#);
