@@ -17,5 +17,6 @@ pub mod proxy;
 pub mod registry;
 pub mod relay;
 pub mod signalling;
+pub mod sync;
 pub mod tls;
 pub mod web;

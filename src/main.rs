@@ -98,6 +98,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         relay: relay.clone(),
         mp3,
         limits: config.limits(),
+        handshake_timeout: config.handshake_timeout(),
     });
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::load(cert, key)?),

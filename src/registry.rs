@@ -1,7 +1,8 @@
 //! The stream registry: which streams are live (oldest first), how many
-//! senders and receivers there are, and the broadcast of `stream_available` /
-//! `stream_ended` events to every connected client. Signalling and HTTP talk
-//! to it; it knows nothing of sockets or peers.
+//! senders, receivers and clients there are, the limits on them (reserved
+//! atomically, so concurrent requests cannot exceed them), and the broadcast
+//! of `stream_available` / `stream_ended` events to every connected client.
+//! Signalling and HTTP talk to it; it knows nothing of sockets or peers.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,6 +14,7 @@ use rand::Rng;
 use tokio::sync::broadcast;
 
 use crate::mp3::Fanout;
+use crate::sync::lock;
 
 /// Capacity of the event broadcast. A client that falls further behind than
 /// this is told the whole list again instead.
@@ -27,18 +29,45 @@ pub enum StreamEvent {
     Shutdown,
 }
 
-/// One live stream as the registry sees it.
-pub struct Stream {
-    pub id: Arc<str>,
-    pub started: Instant,
+/// One live stream as the registry lists it.
+struct LiveStream {
+    id: Arc<str>,
+    started: Instant,
     /// Live MP3 for HTTP listeners.
-    pub fanout: Arc<Fanout>,
+    fanout: Arc<Fanout>,
     /// WebRTC receiver legs of this stream (offered or live).
-    pub receivers: Arc<AtomicUsize>,
+    receivers: Arc<AtomicUsize>,
+}
+
+/// Everything behind the stream lock: the live streams and the stream slots
+/// reserved for senders whose offer is being answered.
+#[derive(Default)]
+struct Streams {
+    live: Vec<LiveStream>,
+    reserved: usize,
+}
+
+impl Streams {
+    fn find(&self, id: &str) -> Option<&LiveStream> {
+        self.live.iter().find(|s| &*s.id == id)
+    }
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the server already relays its maximum of {0} streams")]
+    Streams(usize),
+    #[error("the server already has its maximum of {0} receivers")]
+    Receivers(usize),
+    #[error("this stream already has its maximum of {0} receivers")]
+    ReceiversPerStream(usize),
+    #[error("the stream has ended")]
+    NoStream,
 }
 
 pub struct Registry {
-    streams: Mutex<Vec<Stream>>,
+    streams: Mutex<Streams>,
     events: broadcast::Sender<StreamEvent>,
     senders: AtomicUsize,
     receivers: AtomicUsize,
@@ -57,7 +86,7 @@ impl Registry {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Registry {
-            streams: Mutex::new(Vec::new()),
+            streams: Mutex::new(Streams::default()),
             events,
             senders: AtomicUsize::new(0),
             receivers: AtomicUsize::new(0),
@@ -67,10 +96,8 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Stream>> {
-        // A panic while holding this lock cannot leave the Vec half-updated in
-        // a harmful way, so recover from poisoning.
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        lock(&self.streams)
     }
 
     /// A fresh stream id, `stream_<random>`.
@@ -84,20 +111,17 @@ impl Registry {
         self.events.subscribe()
     }
 
-    /// Lists a stream (newest last) and tells everyone.
-    pub fn add_stream(&self, id: Arc<str>, fanout: Arc<Fanout>) {
-        {
-            let mut streams = self.lock();
-            streams.push(Stream {
-                id: id.clone(),
-                started: Instant::now(),
-                fanout,
-                receivers: Arc::new(AtomicUsize::new(0)),
-            });
+    /// Reserves a place for one more stream, unless `max` streams are live
+    /// or reserved. The place is freed when the slot is dropped unpublished.
+    pub fn try_reserve_stream(self: &Arc<Self>, max: usize) -> Result<StreamSlot, Refused> {
+        let mut streams = self.lock();
+        if streams.live.len() + streams.reserved >= max {
+            return Err(Refused::Streams(max));
         }
-        self.senders.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(stream = %id, "stream available");
-        let _ = self.events.send(StreamEvent::Available(id));
+        streams.reserved += 1;
+        Ok(StreamSlot {
+            registry: Some(self.clone()),
+        })
     }
 
     /// Removes a stream. Returns true (and broadcasts `stream_ended`) only for
@@ -105,20 +129,16 @@ impl Registry {
     pub fn end_stream(&self, id: &str) -> bool {
         let removed = {
             let mut streams = self.lock();
-            streams
-                .iter()
-                .position(|s| &*s.id == id)
-                .map(|i| streams.remove(i))
+            let at = streams.live.iter().position(|s| &*s.id == id);
+            at.map(|i| streams.live.remove(i))
         };
-        match removed {
-            Some(stream) => {
-                self.senders.fetch_sub(1, Ordering::Relaxed);
-                tracing::info!(stream = %id, secs = stream.started.elapsed().as_secs(), "stream ended");
-                let _ = self.events.send(StreamEvent::Ended(stream.id.clone()));
-                true
-            }
-            None => false,
-        }
+        let Some(stream) = removed else {
+            return false;
+        };
+        self.senders.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(stream = %id, secs = stream.started.elapsed().as_secs(), "stream ended");
+        let _ = self.events.send(StreamEvent::Ended(stream.id));
+        true
     }
 
     pub fn shutdown(&self) {
@@ -127,23 +147,19 @@ impl Registry {
 
     /// Live stream ids, oldest first.
     pub fn list(&self) -> Vec<Arc<str>> {
-        self.lock().iter().map(|s| s.id.clone()).collect()
-    }
-
-    pub fn contains(&self, id: &str) -> bool {
-        self.lock().iter().any(|s| &*s.id == id)
+        self.lock().live.iter().map(|s| s.id.clone()).collect()
     }
 
     pub fn newest(&self) -> Option<Arc<str>> {
-        self.lock().last().map(|s| s.id.clone())
+        self.lock().live.last().map(|s| s.id.clone())
     }
 
     /// The MP3 fan-out of a stream (`None` id = newest).
     pub fn fanout(&self, id: Option<&str>) -> Option<(Arc<str>, Arc<Fanout>)> {
         let streams = self.lock();
         let s = match id {
-            Some(id) => streams.iter().find(|s| &*s.id == id),
-            None => streams.last(),
+            Some(id) => streams.find(id),
+            None => streams.live.last(),
         }?;
         Some((s.id.clone(), s.fanout.clone()))
     }
@@ -151,6 +167,7 @@ impl Registry {
     /// Per-stream MP3 listener counts, oldest first.
     pub fn listener_counts(&self) -> Vec<(Arc<str>, usize)> {
         self.lock()
+            .live
             .iter()
             .map(|s| (s.id.clone(), s.fanout.listener_count()))
             .collect()
@@ -169,42 +186,58 @@ impl Registry {
     }
 
     /// Receiver legs of one stream.
+    #[cfg(test)]
     pub fn stream_receivers(&self, id: &str) -> usize {
         self.lock()
-            .iter()
-            .find(|s| &*s.id == id)
+            .find(id)
             .map_or(0, |s| s.receivers.load(Ordering::Relaxed))
     }
 
     /// MP3 listeners of all streams.
     pub fn total_listeners(&self) -> usize {
-        self.lock().iter().map(|s| s.fanout.listener_count()).sum()
+        self.lock()
+            .live
+            .iter()
+            .map(|s| s.fanout.listener_count())
+            .sum()
     }
 
-    /// Counts one WebRTC receiver leg of `stream` for as long as the guard lives.
-    pub fn receiver_guard(self: &Arc<Self>, stream: &str) -> CountGuard {
-        let per_stream = self
-            .lock()
-            .iter()
-            .find(|s| &*s.id == stream)
-            .map(|s| s.receivers.clone());
-        if let Some(c) = &per_stream {
-            c.fetch_add(1, Ordering::Relaxed);
+    /// Reserves one WebRTC receiver leg of `stream`, unless the server has
+    /// `max_total` receivers or the stream `max_per_stream`. Checked and
+    /// counted under the stream lock, so racing requests cannot overshoot;
+    /// the slot counts until it is dropped.
+    pub fn try_reserve_receiver(
+        self: &Arc<Self>,
+        stream: &str,
+        max_per_stream: usize,
+        max_total: usize,
+    ) -> Result<ReceiverSlot, Refused> {
+        let streams = self.lock();
+        let per_stream = &streams.find(stream).ok_or(Refused::NoStream)?.receivers;
+        if self.receivers.load(Ordering::Relaxed) >= max_total {
+            return Err(Refused::Receivers(max_total));
         }
-        let mut guard = CountGuard::new(self.clone(), Counter::Receivers);
-        guard.per_stream = per_stream;
-        guard
+        if per_stream.load(Ordering::Relaxed) >= max_per_stream {
+            return Err(Refused::ReceiversPerStream(max_per_stream));
+        }
+        per_stream.fetch_add(1, Ordering::Relaxed);
+        self.receivers.fetch_add(1, Ordering::Relaxed);
+        Ok(ReceiverSlot {
+            registry: self.clone(),
+            per_stream: per_stream.clone(),
+        })
     }
 
     /// Counts one WebSocket client for as long as the guard lives.
-    pub fn client_guard(self: &Arc<Self>) -> CountGuard {
-        CountGuard::new(self.clone(), Counter::Clients)
+    pub fn client_guard(self: &Arc<Self>) -> ClientGuard {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(self.clone())
     }
 
     /// Counts a WebSocket connection from `ip`, unless that IP already has
     /// `max` of them.
     pub fn ip_guard(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpGuard> {
-        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.per_ip);
         let n = map.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -217,6 +250,66 @@ impl Registry {
     }
 }
 
+/// A reserved place for one stream; [`publish`](Self::publish) lists the
+/// stream in it, dropping it unpublished frees the place.
+pub struct StreamSlot {
+    /// `None` once published.
+    registry: Option<Arc<Registry>>,
+}
+
+impl StreamSlot {
+    /// Lists the stream (newest last) in this place and tells everyone.
+    pub fn publish(mut self, id: Arc<str>, fanout: Arc<Fanout>) {
+        let Some(registry) = self.registry.take() else {
+            return;
+        };
+        {
+            let mut streams = registry.lock();
+            streams.reserved -= 1;
+            streams.live.push(LiveStream {
+                id: id.clone(),
+                started: Instant::now(),
+                fanout,
+                receivers: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        registry.senders.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(stream = %id, "stream available");
+        let _ = registry.events.send(StreamEvent::Available(id));
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some(registry) = &self.registry {
+            registry.lock().reserved -= 1;
+        }
+    }
+}
+
+/// One WebRTC receiver leg, counted (in the server's and its stream's
+/// receivers) while it lives.
+pub struct ReceiverSlot {
+    registry: Arc<Registry>,
+    per_stream: Arc<AtomicUsize>,
+}
+
+impl Drop for ReceiverSlot {
+    fn drop(&mut self) {
+        self.registry.receivers.fetch_sub(1, Ordering::Relaxed);
+        self.per_stream.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One WebSocket client, counted while it lives.
+pub struct ClientGuard(Arc<Registry>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One WebSocket connection from an IP address, counted while it lives.
 pub struct IpGuard {
     registry: Arc<Registry>,
@@ -225,11 +318,7 @@ pub struct IpGuard {
 
 impl Drop for IpGuard {
     fn drop(&mut self) {
-        let mut map = self
-            .registry
-            .per_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.registry.per_ip);
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -239,46 +328,124 @@ impl Drop for IpGuard {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Counter {
-    Receivers,
-    Clients,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mp3::Mp3Config;
+    use std::sync::Barrier;
 
-/// Increments a registry counter on creation and decrements it on drop.
-pub struct CountGuard {
-    registry: Arc<Registry>,
-    counter: Counter,
-    per_stream: Option<Arc<AtomicUsize>>,
-}
+    fn fanout(id: &str) -> Arc<Fanout> {
+        Fanout::new(id, &Mp3Config::default(), Arc::default())
+    }
 
-impl CountGuard {
-    fn new(registry: Arc<Registry>, counter: Counter) -> Self {
-        registry.counter(counter).fetch_add(1, Ordering::Relaxed);
-        CountGuard {
-            registry,
-            counter,
-            per_stream: None,
+    /// Runs `attempt` on `threads` threads released at the same moment;
+    /// returns what each got.
+    fn race<T: Send + 'static>(
+        threads: usize,
+        attempt: impl Fn() -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let start = Arc::new(Barrier::new(threads));
+        let attempt = Arc::new(attempt);
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (start, attempt) = (start.clone(), attempt.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    attempt()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    }
+
+    fn live_stream(reg: &Arc<Registry>) -> Arc<str> {
+        let id = Registry::new_stream_id();
+        let slot = reg.try_reserve_stream(usize::MAX).expect("room");
+        slot.publish(id.clone(), fanout(&id));
+        id
+    }
+
+    #[test]
+    fn racing_receivers_never_exceed_the_stream_limit() {
+        for round in 0..50 {
+            let reg = Arc::new(Registry::new());
+            let id = live_stream(&reg);
+            // Two of five places taken: the race is for the last three.
+            let held: Vec<_> = (0..2)
+                .map(|_| reg.try_reserve_receiver(&id, 5, 100).expect("room"))
+                .collect();
+            let (r, s) = (reg.clone(), id.clone());
+            let got = race(16, move || r.try_reserve_receiver(&s, 5, 100));
+            let won = got.iter().filter(|g| g.is_ok()).count();
+            assert_eq!(won, 3, "round {round}: {won} of 16 got the last 3 places");
+            assert!(got
+                .iter()
+                .filter_map(|g| g.as_ref().err())
+                .all(|e| *e == Refused::ReceiversPerStream(5)));
+            assert_eq!(reg.stream_receivers(&id), 5);
+            assert_eq!(reg.receivers(), 5);
+            drop(got);
+            drop(held);
+            assert_eq!((reg.receivers(), reg.stream_receivers(&id)), (0, 0));
         }
     }
-}
 
-impl Drop for CountGuard {
-    fn drop(&mut self) {
-        self.registry
-            .counter(self.counter)
-            .fetch_sub(1, Ordering::Relaxed);
-        if let Some(c) = &self.per_stream {
-            c.fetch_sub(1, Ordering::Relaxed);
+    #[test]
+    fn racing_receivers_never_exceed_the_server_limit() {
+        let reg = Arc::new(Registry::new());
+        let (a, b) = (live_stream(&reg), live_stream(&reg));
+        let r = reg.clone();
+        let got = race(16, move || {
+            let stream = if rand::random::<bool>() { &a } else { &b };
+            r.try_reserve_receiver(stream, 100, 7)
+        });
+        assert_eq!(got.iter().filter(|g| g.is_ok()).count(), 7);
+        assert_eq!(reg.receivers(), 7);
+    }
+
+    #[test]
+    fn racing_senders_never_exceed_the_stream_limit() {
+        for _ in 0..50 {
+            let reg = Arc::new(Registry::new());
+            live_stream(&reg);
+            let r = reg.clone();
+            let got = race(8, move || {
+                let slot = r.try_reserve_stream(3)?;
+                let id = Registry::new_stream_id();
+                slot.publish(id.clone(), fanout(&id));
+                Ok::<_, Refused>(())
+            });
+            assert_eq!(got.iter().filter(|g| g.is_ok()).count(), 2);
+            assert_eq!(reg.list().len(), 3);
+            assert_eq!(reg.senders(), 3);
         }
     }
-}
 
-impl Registry {
-    fn counter(&self, c: Counter) -> &AtomicUsize {
-        match c {
-            Counter::Receivers => &self.receivers,
-            Counter::Clients => &self.clients,
-        }
+    #[test]
+    fn an_unpublished_stream_slot_frees_its_place() {
+        let reg = Arc::new(Registry::new());
+        let slot = reg.try_reserve_stream(1).expect("room");
+        assert_eq!(reg.try_reserve_stream(1).err(), Some(Refused::Streams(1)));
+        drop(slot);
+        assert!(reg.try_reserve_stream(1).is_ok());
+        assert!(reg.list().is_empty());
+    }
+
+    #[test]
+    fn a_receiver_of_an_ended_stream_is_refused() {
+        let reg = Arc::new(Registry::new());
+        let id = live_stream(&reg);
+        let slot = reg.try_reserve_receiver(&id, 5, 5).expect("room");
+        assert!(reg.end_stream(&id));
+        assert!(!reg.end_stream(&id), "ended once");
+        assert_eq!(
+            reg.try_reserve_receiver(&id, 5, 5).err(),
+            Some(Refused::NoStream)
+        );
+        drop(slot);
+        assert_eq!(reg.receivers(), 0);
     }
 }

@@ -159,7 +159,7 @@ async fn opus_to_mp3_two_listeners_burst_and_gaps() {
         "mp3 {mp3_secs} s vs audio {audio_secs} s"
     );
 
-    let stats = fanout.stats();
+    let stats = fanout.counters();
     assert_eq!(stats.packets_in, pushed);
     assert_eq!(
         stats.packets_late + stats.packets_corrupt + stats.resyncs,
@@ -303,7 +303,7 @@ async fn garbage_packets_and_full_queue_never_block_or_panic() {
         .expect("ends");
     let bytes = join(&items);
     count_frames(&bytes);
-    let stats = fanout.stats();
+    let stats = fanout.counters();
     assert_eq!(stats.packets_in + dropped, 2000);
     assert!(stats.packets_corrupt > 0);
     // Every emitted PCM sample (decoded or filled) reached the MP3 timeline,
@@ -341,7 +341,7 @@ async fn long_gap_fill_does_not_drop_listeners() {
     let bytes = join(&items); // panics on a listener error
     let secs = count_frames(&bytes) as f64 * FRAME_SECS;
     assert!((secs - 11.0).abs() <= 0.1, "{secs} s");
-    let stats = fanout.stats();
+    let stats = fanout.counters();
     assert_eq!(stats.samples_silence, 9 * 48_000 - 2880, "{stats:?}");
     assert_eq!(stats.listeners_dropped_slow, 0);
 }

@@ -5,7 +5,7 @@
 
 mod mp3_direct;
 
-pub use mp3_direct::Mp3Acceptor;
+pub use mp3_direct::{Mp3Acceptor, TakenOver};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -188,19 +188,9 @@ pub(crate) async fn find_mp3_stream(
             format!("no such resource: /stream/{file} (streams end in .mp3)"),
         ));
     };
-    let Ok(Query(query)) = Query::<StreamQuery>::try_from_uri(uri) else {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid query (expected ?wait=SECONDS)",
-        ));
-    };
+    let wait = latest_wait(state, uri)?;
     let registry = state.registry();
     let found = if id == "latest" {
-        let wait = query
-            .wait
-            .filter(|w| w.is_finite() && *w >= 0.0)
-            .map(|w| Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64())))
-            .unwrap_or(state.mp3_wait);
         wait_for_latest(registry, wait).await
     } else {
         registry.fanout(Some(id))
@@ -213,22 +203,49 @@ pub(crate) async fn find_mp3_stream(
         };
         return Err(Refusal::new(StatusCode::NOT_FOUND, message));
     };
-    let limits = &state.signalling.limits;
-    if join
-        && (fanout.listener_count() >= limits.listeners_per_stream
-            || registry.total_listeners() >= limits.listeners)
-    {
-        tracing::info!(stream = %stream_id, "mp3 listener refused: limit reached");
-        metrics().limit_hits.with_label_values(&["listeners"]).inc();
-        return Err(Refusal {
-            header: Some((header::RETRY_AFTER, "10")),
-            ..Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many listeners, try again later",
-            )
-        });
+    if join {
+        check_listener_limits(state, &stream_id, &fanout)?;
     }
     Ok((stream_id, fanout))
+}
+
+/// How long `latest.mp3` may wait for a stream: `?wait=SECONDS` (at most
+/// [`MAX_WAIT`]) or the server's default.
+fn latest_wait(state: &AppState, uri: &Uri) -> Result<Duration, Refusal> {
+    let Ok(Query(query)) = Query::<StreamQuery>::try_from_uri(uri) else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid query (expected ?wait=SECONDS)",
+        ));
+    };
+    Ok(query
+        .wait
+        .filter(|w| w.is_finite() && *w >= 0.0)
+        .map(|w| Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64())))
+        .unwrap_or(state.mp3_wait))
+}
+
+/// A 503 once the stream or the server has its maximum of MP3 listeners.
+fn check_listener_limits(
+    state: &AppState,
+    stream_id: &str,
+    fanout: &crate::mp3::Fanout,
+) -> Result<(), Refusal> {
+    let limits = &state.signalling.limits;
+    if fanout.listener_count() < limits.listeners_per_stream
+        && state.registry().total_listeners() < limits.listeners
+    {
+        return Ok(());
+    }
+    tracing::info!(stream = %stream_id, "mp3 listener refused: limit reached");
+    metrics().limit_hits.with_label_values(&["listeners"]).inc();
+    Err(Refusal {
+        header: Some((header::RETRY_AFTER, "10")),
+        ..Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many listeners, try again later",
+        )
+    })
 }
 
 /// `GET /stream/{id}.mp3` and `/stream/latest.mp3`: an endless live MP3 body.
@@ -371,8 +388,8 @@ fn upgrade_ws(
         .max_message_size(max)
         .max_frame_size(max)
         // Signalling messages are small, and every receiver keeps its socket
-        // open: tungstenite's 128 KiB default read buffer, allocated up front,
-        // would be much of a receiver's memory. Ours grows on demand.
+        // open: tungstenite's default read buffer (128 KiB, allocated up
+        // front) would be most of a receiver's memory. Ours grows on demand.
         .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             signalling::serve(socket, ctx, max, allowed).await;

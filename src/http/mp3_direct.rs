@@ -48,16 +48,39 @@ impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for Mp3Accepto
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let state = self.state.clone();
         Box::pin(async move {
-            tune(&stream);
-            match peek_mp3_request(&stream).await {
-                Some(request) => {
-                    serve(state, stream, request).await;
-                    // Not an error: the connection is no longer the router's.
-                    Err(io::Error::other("served as live MP3"))
-                }
-                None => Ok((stream, service)),
+            match take_over_mp3(state, stream).await {
+                Accepted::ForRouter(stream) => Ok((stream, service)),
+                // The acceptor interface has no other way to say that the
+                // connection is not the router's: a typed marker, not a failure.
+                Accepted::TakenOver => Err(io::Error::other(TakenOver)),
             }
         })
+    }
+}
+
+/// What the acceptor did with a new connection.
+enum Accepted {
+    /// Not a live MP3 request: the router serves it.
+    ForRouter(TcpStream),
+    /// Served here as a live MP3 request (the socket went to the stream's
+    /// writer, or the refusal was sent).
+    TakenOver,
+}
+
+/// Why a connection does not reach the router: it was taken over as a live
+/// MP3 listener. Not a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("connection taken over as a live MP3 listener")]
+pub struct TakenOver;
+
+async fn take_over_mp3(state: AppState, stream: TcpStream) -> Accepted {
+    tune(&stream);
+    match peek_mp3_request(&stream).await {
+        Some(request) => {
+            serve(state, stream, request).await;
+            Accepted::TakenOver
+        }
+        None => Accepted::ForRouter(stream),
     }
 }
 
@@ -179,18 +202,7 @@ async fn serve(state: AppState, mut stream: TcpStream, request: Box<Mp3Request>)
         }
     };
     let chunked = !request.http10;
-    let id_header = HeaderValue::from_str(&stream_id)
-        .map(|_| format!("x-stream-id: {stream_id}\r\n"))
-        .unwrap_or_default();
-    let response = format!(
-        "{version} 200 OK\r\ncontent-type: audio/mpeg\r\ncache-control: no-cache, no-store\r\n\
-         {id_header}{}connection: close\r\n\r\n",
-        if chunked {
-            "transfer-encoding: chunked\r\n"
-        } else {
-            ""
-        }
-    );
+    let response = response_head(version, &stream_id, chunked);
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
@@ -212,6 +224,22 @@ async fn serve(state: AppState, mut stream: TcpStream, request: Box<Mp3Request>)
             tracing::error!(stream = %stream_id, error = %err, "mp3 listener: no writer thread")
         }
     }
+}
+
+/// The head of a live MP3 response (its body is chunked for HTTP/1.1).
+fn response_head(version: &str, stream_id: &str, chunked: bool) -> String {
+    let id_header = HeaderValue::from_str(stream_id)
+        .map(|_| format!("x-stream-id: {stream_id}\r\n"))
+        .unwrap_or_default();
+    let encoding = if chunked {
+        "transfer-encoding: chunked\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "{version} 200 OK\r\ncontent-type: audio/mpeg\r\ncache-control: no-cache, no-store\r\n\
+         {id_header}{encoding}connection: close\r\n\r\n"
+    )
 }
 
 /// A complete HTTP response for a refusal (the connection closes after it).

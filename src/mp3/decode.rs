@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::fanout::{bump, Stats};
+use super::counters::{bump, PipelineCounters};
 use super::gap::{GapConfig, GapPlanner, GRANULE, SAMPLES_20MS};
 use super::SAMPLE_RATE;
 
@@ -21,17 +21,17 @@ pub struct OpusDecode {
     planner: GapPlanner,
     pcm: Vec<i16>,
     last_duration: u64,
-    stats: Arc<Stats>,
+    counters: Arc<PipelineCounters>,
 }
 
 impl OpusDecode {
-    pub(crate) fn new(stats: Arc<Stats>) -> Result<Self, opus::Error> {
+    pub(crate) fn new(counters: Arc<PipelineCounters>) -> Result<Self, opus::Error> {
         Ok(Self {
             dec: opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?,
             planner: GapPlanner::new(GapConfig::default()),
             pcm: vec![0; MAX_PACKET_SAMPLES],
             last_duration: SAMPLES_20MS,
-            stats,
+            counters,
         })
     }
 
@@ -44,25 +44,25 @@ impl OpusDecode {
         payload: &[u8],
         emit: &mut dyn FnMut(&[i16]),
     ) {
-        bump(&self.stats.packets_in, 1);
+        bump(&self.counters.packets_in, 1);
         let duration = opus::packet::get_nb_samples(payload, SAMPLE_RATE)
             .ok()
             .filter(|&n| n > 0 && n <= MAX_PACKET_SAMPLES)
             .map(|n| n as u64);
         let valid = duration.is_some();
         if !valid && !payload.is_empty() {
-            bump(&self.stats.packets_corrupt, 1);
+            bump(&self.counters.packets_corrupt, 1);
         }
         let duration = duration.unwrap_or(self.last_duration);
 
         let plan = self.planner.plan(seq, rtp_time, duration);
         if plan.drop {
-            bump(&self.stats.packets_late, 1);
+            bump(&self.counters.packets_late, 1);
             return;
         }
         self.last_duration = duration;
         if plan.resync {
-            bump(&self.stats.resyncs, 1);
+            bump(&self.counters.resyncs, 1);
             if let Err(err) = self.dec.reset_state() {
                 tracing::debug!(error = %err, "opus reset_state failed");
             }
@@ -99,14 +99,14 @@ impl OpusDecode {
                 self.pcm[got..n].fill(0);
                 emit(&self.pcm[..n]);
                 if fec {
-                    bump(&self.stats.samples_fec, samples);
+                    bump(&self.counters.samples_fec, samples);
                 } else {
-                    bump(&self.stats.samples_decoded, samples);
+                    bump(&self.counters.samples_decoded, samples);
                 }
             }
             Err(err) => {
                 if !fec {
-                    bump(&self.stats.packets_corrupt, 1);
+                    bump(&self.counters.packets_corrupt, 1);
                 }
                 tracing::trace!(error = %err, fec, "opus decode failed, concealing");
                 self.plc(samples, emit);
@@ -128,7 +128,7 @@ impl OpusDecode {
             emit(&self.pcm[..n]);
             left -= n as u64;
         }
-        bump(&self.stats.samples_plc, whole);
+        bump(&self.counters.samples_plc, whole);
         self.silence(samples - whole, emit);
     }
 
@@ -139,7 +139,7 @@ impl OpusDecode {
             emit(&ZEROS[..n]);
             left -= n as u64;
         }
-        bump(&self.stats.samples_silence, samples);
+        bump(&self.counters.samples_silence, samples);
     }
 }
 
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn corrupt_and_empty_payloads_are_concealed_without_panic() {
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(PipelineCounters::default());
         let mut dec = OpusDecode::new(Arc::clone(&stats)).expect("decoder");
         let mut enc = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Audio)
             .expect("enc");
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn dtx_like_tiny_packets_decode_normally() {
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(PipelineCounters::default());
         let mut dec = OpusDecode::new(Arc::clone(&stats)).expect("decoder");
         let mut enc =
             opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).expect("enc");

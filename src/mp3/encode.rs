@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use mp3lame_encoder::{Builder, Encoder, FlushGap, Mode, MonoPcm, Quality};
 
-use super::fanout::{bump, Batch, Batcher, Stats};
+use super::batch::{Batch, Batcher};
+use super::counters::{bump, PipelineCounters};
 use super::frames::FrameSplitter;
 use super::{Mp3Config, Mp3Error, SAMPLE_RATE};
 
@@ -40,17 +41,20 @@ pub struct Mp3Encode {
     out: Vec<u8>,
     splitter: FrameSplitter,
     batcher: Batcher,
-    stats: Arc<Stats>,
+    counters: Arc<PipelineCounters>,
 }
 
 impl Mp3Encode {
-    pub(crate) fn new(config: &Mp3Config, stats: Arc<Stats>) -> Result<Self, Mp3Error> {
+    pub(crate) fn new(
+        config: &Mp3Config,
+        counters: Arc<PipelineCounters>,
+    ) -> Result<Self, Mp3Error> {
         Ok(Self {
             lame: build_lame(config)?,
             out: Vec::with_capacity(mp3lame_encoder::max_required_buffer_size(ENCODE_CHUNK)),
             splitter: FrameSplitter::new(),
             batcher: Batcher::default(),
-            stats,
+            counters,
         })
     }
 
@@ -61,7 +65,7 @@ impl Mp3Encode {
             self.out
                 .reserve(mp3lame_encoder::max_required_buffer_size(chunk.len()));
             if let Err(e) = self.lame.encode_to_vec(MonoPcm(chunk), &mut self.out) {
-                bump(&self.stats.encode_errors, 1);
+                bump(&self.counters.encode_errors, 1);
                 tracing::warn!(error = %e, "LAME encode failed");
                 continue;
             }
@@ -78,7 +82,7 @@ impl Mp3Encode {
         match self.lame.flush_to_vec::<FlushGap>(&mut self.out) {
             Ok(_) => self.drain(publish),
             Err(e) => {
-                bump(&self.stats.encode_errors, 1);
+                bump(&self.counters.encode_errors, 1);
                 tracing::warn!(error = %e, "LAME flush failed");
             }
         }

@@ -4,25 +4,33 @@
 //!
 //! Per stream there is exactly one `mp3-<stream_id>` thread that decodes Opus
 //! once and encodes MP3 once (`pipeline.rs`); its output is shared by every
-//! listener through [`Fanout`] as refcounted ~200 ms batches. Listener
-//! sockets handed over after their response head are written by one
-//! `mp3w-<stream_id>` thread per stream (`writer.rs`).
+//! listener through [`Fanout`] as refcounted ~200 ms batches (`batch.rs`) in
+//! a ring (`ring.rs`). Async listeners read the ring (`listener.rs`);
+//! listener sockets handed over after their response head are written by one
+//! `mp3w-<stream_id>` thread per stream (`writer.rs`). Imports go one way:
+//! fanout → listener, writer → ring → batch, counters.
 
+pub mod batch;
+pub mod counters;
 pub mod decode;
 pub mod encode;
 pub mod fanout;
 pub mod frames;
 pub mod gap;
+mod listener;
 mod pipeline;
+mod ring;
 mod writer;
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{mpsc, Arc};
 
-pub use fanout::{Fanout, Listener, StatsSnapshot};
+pub use counters::{PipelineCounters, PipelineCounts};
+pub use fanout::Fanout;
+pub use listener::Listener;
 pub use writer::wait_idle as wait_writers;
 
-use fanout::{bump, Stats};
+use counters::bump;
 
 use crate::liveness::Liveness;
 
@@ -104,19 +112,21 @@ impl Mp3Config {
     }
 }
 
-/// One RTP packet handed from the relay to the pipeline thread.
-pub(crate) struct Packet {
+/// One Opus RTP packet handed from the relay to the pipeline thread.
+pub(crate) struct OpusPacket {
     pub seq: u64,
     pub rtp_time: u64,
     pub payload: Arc<[u8]>,
 }
 
 /// Held by the media relay; feeds Opus packets to the pipeline without ever
-/// blocking. Dropping it ends the stream (the thread drains, flushes and
-/// closes the [`Fanout`]); the drop does not wait for the thread.
+/// blocking. Dropping it ends the stream: the queue disconnects, so the
+/// thread drains what is queued, flushes LAME, publishes the last frames,
+/// closes the [`Fanout`] and exits. The drop does not wait for that (it never
+/// blocks the relay).
 pub struct PacketSink {
-    tx: SyncSender<Packet>,
-    stats: Arc<Stats>,
+    tx: SyncSender<OpusPacket>,
+    counters: Arc<PipelineCounters>,
 }
 
 impl std::fmt::Debug for PacketSink {
@@ -129,7 +139,7 @@ impl PacketSink {
     /// Queues one packet; if the queue is full (or the pipeline is gone) the
     /// packet is dropped and counted.
     pub fn push(&self, seq: u64, rtp_time: u64, payload: Arc<[u8]>) {
-        let packet = Packet {
+        let packet = OpusPacket {
             seq,
             rtp_time,
             payload,
@@ -137,25 +147,16 @@ impl PacketSink {
         match self.tx.try_send(packet) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                bump(&self.stats.packets_dropped_queue_full, 1);
+                bump(&self.counters.packets_dropped_queue_full, 1);
             }
         }
     }
 
     /// Packets dropped because the queue was full or the pipeline had stopped.
     pub fn dropped_packets(&self) -> u64 {
-        self.stats
+        self.counters
             .packets_dropped_queue_full
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl Drop for PacketSink {
-    /// Ends the stream: disconnecting the queue lets the thread drain what is
-    /// queued, flush LAME, publish the last frames, close the [`Fanout`] and
-    /// exit. Does not wait for that to happen (never blocks the relay).
-    fn drop(&mut self) {
-        tracing::debug!("mp3 packet sink dropped, ending stream");
     }
 }
 
@@ -165,10 +166,10 @@ pub fn try_start(
     config: Mp3Config,
 ) -> Result<(PacketSink, Arc<Fanout>), Mp3Error> {
     config.validate()?;
-    let stats = Arc::new(Stats::default());
-    let decoder = decode::OpusDecode::new(Arc::clone(&stats))?;
-    let encoder = encode::Mp3Encode::new(&config, Arc::clone(&stats))?;
-    let fanout = Fanout::new(stream_id, &config, Arc::clone(&stats));
+    let counters = Arc::new(PipelineCounters::default());
+    let decoder = decode::OpusDecode::new(Arc::clone(&counters))?;
+    let encoder = encode::Mp3Encode::new(&config, Arc::clone(&counters))?;
+    let fanout = Fanout::new(stream_id, &config, Arc::clone(&counters));
     let (tx, rx) = mpsc::sync_channel(PACKET_QUEUE);
     let thread_fanout = Arc::clone(&fanout);
     std::thread::Builder::new()
@@ -177,7 +178,7 @@ pub fn try_start(
             let _watch = Liveness::process().watch_for_panic("an MP3 pipeline thread");
             pipeline::run(rx, decoder, encoder, thread_fanout)
         })?;
-    Ok((PacketSink { tx, stats }, fanout))
+    Ok((PacketSink { tx, counters }, fanout))
 }
 
 /// Starts the pipeline for one stream: spawns ONE thread `mp3-<stream_id>`
@@ -192,11 +193,11 @@ pub fn start(stream_id: &str, config: Mp3Config) -> (PacketSink, Arc<Fanout>) {
         Ok(started) => started,
         Err(err) => {
             tracing::error!(stream_id, error = %err, "mp3 pipeline failed to start");
-            let stats = Arc::new(Stats::default());
-            let fanout = Fanout::new(stream_id, &config, Arc::clone(&stats));
+            let counters = Arc::new(PipelineCounters::default());
+            let fanout = Fanout::new(stream_id, &config, Arc::clone(&counters));
             fanout.close();
             let (tx, _rx) = mpsc::sync_channel(1);
-            (PacketSink { tx, stats }, fanout)
+            (PacketSink { tx, counters }, fanout)
         }
     }
 }

@@ -6,10 +6,11 @@
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
+use super::batch::{coalesce, Batch};
 use super::decode::OpusDecode;
 use super::encode::Mp3Encode;
-use super::fanout::{coalesce, Batch, Fanout};
-use super::Packet;
+use super::fanout::Fanout;
+use super::OpusPacket;
 
 /// Closes the fan-out however the thread exits (even by panic), so listener
 /// bodies always end.
@@ -22,7 +23,7 @@ impl Drop for CloseOnDrop {
 }
 
 pub(crate) fn run(
-    rx: Receiver<Packet>,
+    rx: Receiver<OpusPacket>,
     mut decoder: OpusDecode,
     mut encoder: Mp3Encode,
     fanout: Arc<Fanout>,
@@ -45,7 +46,7 @@ pub(crate) fn run(
     drop(closer);
     tracing::debug!(
         stream_id = fanout.stream_id(),
-        stats = ?fanout.stats(),
+        counters = ?fanout.counters(),
         "mp3 pipeline finished"
     );
 }

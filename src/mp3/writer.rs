@@ -8,14 +8,19 @@
 //! next batch, ~200 ms later); one that falls further behind than its
 //! allowance is cut. When the stream ends, what is queued is written, a
 //! chunked body gets its last chunk, and the sockets are closed.
+//!
+//! Sockets reach the thread through the stream's [`Writer`] (its own lock;
+//! the first one starts the thread); batches through the [`Ring`].
 
 use std::io::{self, IoSlice, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::fanout::{Batch, Fanout, Slot};
+use super::batch::Batch;
+use super::ring::Ring;
+use crate::sync::{lock, wait, wait_timeout};
 
 /// Retry interval for sockets that could not take everything, when no new
 /// batch arrives sooner.
@@ -38,9 +43,96 @@ pub fn wait_idle(limit: Duration) {
     }
 }
 
+/// A listener socket owned by the writer thread: a few dozen bytes.
+struct Slot {
+    socket: TcpStream,
+    peer: SocketAddr,
+    /// Sequence number of the batch being written.
+    next: u64,
+    /// Bytes of that batch already written.
+    offset: u32,
+    /// Batches this listener may be behind before it is cut (its burst
+    /// plus `queue_batches`).
+    allowance: u32,
+    /// HTTP/1.1 chunked body (else HTTP/1.0, ended by closing).
+    chunked: bool,
+}
+
+impl Slot {
+    /// What of `batch` goes on this listener's wire.
+    fn body_of<'a>(&self, batch: &'a Batch) -> &'a bytes::Bytes {
+        if self.chunked {
+            &batch.framed
+        } else {
+            &batch.data
+        }
+    }
+}
+
+/// Sockets handed over, not yet taken by the writer thread.
+#[derive(Default)]
+struct Inbox {
+    slots: Vec<Slot>,
+    /// Whether the writer thread is running.
+    running: bool,
+}
+
+/// One stream's way to its writer thread.
+#[derive(Default)]
+pub(super) struct Writer {
+    inbox: Arc<Mutex<Inbox>>,
+}
+
+impl Writer {
+    /// Queues a listener's socket for the writer thread (starting it if
+    /// needed); it starts at the burst of `ring`.
+    pub(super) fn attach(
+        &self,
+        ring: &Arc<Ring>,
+        socket: TcpStream,
+        peer: SocketAddr,
+        chunked: bool,
+    ) -> io::Result<()> {
+        socket.set_nonblocking(true)?;
+        let (start, allowance) = {
+            let s = ring.lock();
+            let start = s.burst_start(ring.burst_ns);
+            (start, (s.end_seq() - start) as usize + ring.queue_batches)
+        };
+        let mut inbox = lock(&self.inbox);
+        inbox.slots.push(Slot {
+            socket,
+            peer,
+            next: start,
+            offset: 0,
+            allowance: u32::try_from(allowance).unwrap_or(u32::MAX),
+            chunked,
+        });
+        if !inbox.running {
+            let (ring, thread_inbox) = (Arc::clone(ring), Arc::clone(&self.inbox));
+            let spawned = std::thread::Builder::new()
+                .name(format!("mp3w-{}", ring.stream_id))
+                .spawn(move || {
+                    let _watch = crate::liveness::Liveness::process()
+                        .watch_for_panic("an MP3 writer thread");
+                    run(ring, thread_inbox)
+                });
+            if let Err(err) = spawned {
+                inbox.slots.pop();
+                return Err(err);
+            }
+            inbox.running = true;
+        }
+        ring.listener_joined();
+        drop(inbox);
+        ring.wake_writer();
+        Ok(())
+    }
+}
+
 /// What became of a slot after a write pass.
 #[derive(Debug, PartialEq, Eq)]
-enum Outcome {
+enum WriteOutcome {
     /// Everything published so far is written.
     CaughtUp,
     /// The socket is full; retry later.
@@ -51,105 +143,144 @@ enum Outcome {
     Gone,
 }
 
-pub(super) fn run(fanout: Arc<Fanout>) {
+/// The writer thread's state.
+struct Thread {
+    ring: Arc<Ring>,
+    inbox: Arc<Mutex<Inbox>>,
+    slots: Vec<Slot>,
+    /// A cheap copy (refcounts) of the ring's batches.
+    batches: Vec<Batch>,
+    /// The ring's `end_seq` when last copied.
+    seen_end: u64,
+    /// Some socket could not take everything: retry soon.
+    blocked: bool,
+    closed_seen: bool,
+    /// When the stream has ended: the time slow sockets are cut.
+    end_deadline: Option<Instant>,
+}
+
+fn run(ring: Arc<Ring>, inbox: Arc<Mutex<Inbox>>) {
     RUNNING.fetch_add(1, Ordering::AcqRel);
-    let mut slots: Vec<Slot> = Vec::new();
-    let mut ring: Vec<Batch> = Vec::new();
-    let mut seen_end = 0;
-    let mut blocked = false;
-    let mut closed_seen = false;
-    let mut end_deadline: Option<Instant> = None;
-    tracing::debug!(stream_id = fanout.stream_id(), "mp3 writer started");
-    loop {
-        // Wait for work, then take a cheap copy of the ring (refcounts).
-        let (first_seq, closed) = {
-            let mut s = fanout.lock();
-            loop {
-                let fresh =
-                    !s.incoming.is_empty() || s.end_seq() != seen_end || (s.closed && !closed_seen);
-                if fresh || (s.closed && slots.is_empty()) {
-                    break;
-                }
-                if blocked {
-                    let (guard, timeout) = fanout
-                        .wake
-                        .wait_timeout(s, RETRY)
-                        .unwrap_or_else(|e| e.into_inner());
-                    s = guard;
-                    if timeout.timed_out() {
-                        break;
-                    }
-                } else {
-                    s = fanout.wake.wait(s).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            slots.append(&mut s.incoming);
-            if s.closed && slots.is_empty() {
-                s.writer_running = false;
+    tracing::debug!(stream_id = %ring.stream_id, "mp3 writer started");
+    let mut thread = Thread {
+        ring,
+        inbox,
+        slots: Vec::new(),
+        batches: Vec::new(),
+        seen_end: 0,
+        blocked: false,
+        closed_seen: false,
+        end_deadline: None,
+    };
+    while let Some((first_seq, closed)) = thread.wait_for_work() {
+        thread.write_pass(first_seq, closed);
+        if closed {
+            thread.cut_at_end();
+        }
+    }
+    RUNNING.fetch_sub(1, Ordering::AcqRel);
+    tracing::debug!(stream_id = %thread.ring.stream_id, "mp3 writer finished");
+}
+
+impl Thread {
+    /// Waits for a new batch, a new socket, the end, or (when blocked) the
+    /// retry time; takes the new sockets and a copy of the ring. Returns
+    /// the first sequence number and whether the stream has ended, or `None`
+    /// when the thread is done (ended, every socket finished).
+    fn wait_for_work(&mut self) -> Option<(u64, bool)> {
+        let mut s = self.ring.lock();
+        loop {
+            let arrived = !lock(&self.inbox).slots.is_empty();
+            let fresh = arrived || s.end_seq() != self.seen_end || (s.closed && !self.closed_seen);
+            if fresh || (s.closed && self.slots.is_empty()) {
                 break;
             }
-            closed_seen = s.closed;
-            seen_end = s.end_seq();
-            ring.clear();
-            ring.extend(s.ring.iter().cloned());
-            (s.first_seq, s.closed)
-        };
-        let end_seq = first_seq + ring.len() as u64;
-        blocked = false;
-        let mut i = 0;
-        while i < slots.len() {
-            let outcome = write_slot(&mut slots[i], &ring, first_seq, end_seq);
-            match outcome {
-                Outcome::CaughtUp if closed => finish(slots.swap_remove(i), &fanout),
-                Outcome::CaughtUp => i += 1,
-                Outcome::Blocked => {
-                    blocked = true;
-                    i += 1;
-                }
-                Outcome::Slow(lagged) => {
-                    fanout.dropped_slow(lagged);
-                    drop(slots.swap_remove(i));
-                    fanout.listener_left();
-                }
-                Outcome::Gone => {
-                    let slot = slots.swap_remove(i);
-                    tracing::info!(stream_id = fanout.stream_id(), peer = %slot.peer, "mp3 listener left");
-                    fanout.listener_left();
-                }
+            if !self.blocked {
+                s = wait(self.ring.wake(), s);
+                continue;
+            }
+            let (guard, timeout) = wait_timeout(self.ring.wake(), s, RETRY);
+            s = guard;
+            if timeout.timed_out() {
+                break;
             }
         }
-        if closed {
-            let deadline = *end_deadline.get_or_insert_with(|| Instant::now() + END_GRACE);
-            if Instant::now() >= deadline {
-                for slot in slots.drain(..) {
-                    tracing::info!(stream_id = fanout.stream_id(), peer = %slot.peer, "mp3 listener cut at stream end: not reading");
-                    fanout.listener_left();
+        let mut inbox = lock(&self.inbox);
+        self.slots.append(&mut inbox.slots);
+        if s.closed && self.slots.is_empty() {
+            inbox.running = false;
+            return None;
+        }
+        self.closed_seen = s.closed;
+        self.seen_end = s.end_seq();
+        self.batches.clear();
+        self.batches.extend(s.ring.iter().cloned());
+        Some((s.first_seq, s.closed))
+    }
+
+    /// Writes to every socket what it can take; finishes, cuts or drops
+    /// sockets by their outcome.
+    fn write_pass(&mut self, first_seq: u64, closed: bool) {
+        let end_seq = first_seq + self.batches.len() as u64;
+        self.blocked = false;
+        let mut i = 0;
+        while i < self.slots.len() {
+            let outcome = write_slot(&mut self.slots[i], &self.batches, first_seq, end_seq);
+            match outcome {
+                WriteOutcome::CaughtUp if closed => finish(self.slots.swap_remove(i), &self.ring),
+                WriteOutcome::CaughtUp => i += 1,
+                WriteOutcome::Blocked => {
+                    self.blocked = true;
+                    i += 1;
+                }
+                WriteOutcome::Slow(lagged) => {
+                    self.ring.dropped_slow(lagged);
+                    drop(self.slots.swap_remove(i));
+                    self.ring.listener_left();
+                }
+                WriteOutcome::Gone => {
+                    let slot = self.slots.swap_remove(i);
+                    tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "mp3 listener left");
+                    self.ring.listener_left();
                 }
             }
         }
     }
-    RUNNING.fetch_sub(1, Ordering::AcqRel);
-    tracing::debug!(stream_id = fanout.stream_id(), "mp3 writer finished");
+
+    /// After the stream's end, sockets that have not taken everything within
+    /// the grace time are cut.
+    fn cut_at_end(&mut self) {
+        let deadline = *self
+            .end_deadline
+            .get_or_insert_with(|| Instant::now() + END_GRACE);
+        if Instant::now() < deadline {
+            return;
+        }
+        for slot in self.slots.drain(..) {
+            tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "mp3 listener cut at stream end: not reading");
+            self.ring.listener_left();
+        }
+    }
 }
 
 /// The stream has ended and this listener has everything: end its body.
-fn finish(slot: Slot, fanout: &Fanout) {
+fn finish(slot: Slot, ring: &Ring) {
     if slot.chunked {
         // Best effort: five bytes into a socket that just took everything.
         let _ = (&slot.socket).write(LAST_CHUNK);
     }
     let _ = slot.socket.shutdown(Shutdown::Write);
-    fanout.listener_left();
+    ring.listener_left();
 }
 
 /// Writes as much of `ring[slot.next..]` to the slot's socket as it takes.
-fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> Outcome {
+fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> WriteOutcome {
     loop {
         if slot.next < first_seq || end_seq - slot.next > u64::from(slot.allowance) {
-            return Outcome::Slow(end_seq.saturating_sub(slot.next));
+            return WriteOutcome::Slow(end_seq.saturating_sub(slot.next));
         }
         if slot.next == end_seq {
-            return Outcome::CaughtUp;
+            return WriteOutcome::CaughtUp;
         }
         let pending = &ring[(slot.next - first_seq) as usize..];
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -167,15 +298,15 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
             total += bytes.len();
         }
         let written = match (&slot.socket).write_vectored(&iov[..n]) {
-            Ok(0) => return Outcome::Gone,
+            Ok(0) => return WriteOutcome::Gone,
             Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WriteOutcome::Blocked,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Outcome::Gone,
+            Err(_) => return WriteOutcome::Gone,
         };
         advance(slot, pending, written);
         if written < total {
-            return Outcome::Blocked;
+            return WriteOutcome::Blocked;
         }
     }
 }
@@ -233,7 +364,7 @@ mod tests {
         let (mut client, server) = pair();
         let ring: Vec<Batch> = (0..3).map(|n| batch(n, 5)).collect();
         let mut s = slot(server, true, 8);
-        assert_eq!(write_slot(&mut s, &ring, 10, 13), Outcome::CaughtUp);
+        assert_eq!(write_slot(&mut s, &ring, 10, 13), WriteOutcome::CaughtUp);
         assert_eq!(s.next, 13);
         drop(s);
         let mut got = Vec::new();
@@ -266,10 +397,16 @@ mod tests {
             .expect("sndbuf");
         let big: Vec<Batch> = (0..40).map(|n| batch(n, 16 * 1024)).collect();
         let mut s = slot(server, false, 30);
-        assert_eq!(write_slot(&mut s, &big[..20], 10, 30), Outcome::Blocked);
+        assert_eq!(
+            write_slot(&mut s, &big[..20], 10, 30),
+            WriteOutcome::Blocked
+        );
         assert!(s.next < 30);
         // The ring moved on past the allowance.
-        assert!(matches!(write_slot(&mut s, &big, 10, 50), Outcome::Slow(_)));
+        assert!(matches!(
+            write_slot(&mut s, &big, 10, 50),
+            WriteOutcome::Slow(_)
+        ));
     }
 
     #[test]
@@ -281,13 +418,13 @@ mod tests {
         // The first write may still succeed (the RST comes back after it).
         let mut outcome = write_slot(&mut s, &ring[..1], 10, 11);
         for _ in 0..50 {
-            if outcome == Outcome::Gone {
+            if outcome == WriteOutcome::Gone {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
             s.next = 10;
             outcome = write_slot(&mut s, &ring[..1], 10, 11);
         }
-        assert_eq!(outcome, Outcome::Gone);
+        assert_eq!(outcome, WriteOutcome::Gone);
     }
 }

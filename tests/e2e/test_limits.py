@@ -516,6 +516,33 @@ def test_handshake_timeout_frees_peers(server: RelayServer) -> None:
     relay(server, body)
 
 
+@with_args("--handshake-timeout-secs", "2")
+def test_unanswered_offer_frees_its_slot(server: RelayServer) -> None:
+    """A receiver that gets the server's offer and never answers, its socket left open, holds its
+    receiver slot only until the handshake timeout: then the slot is free, the client is told with
+    an ``error``, and its socket stays usable."""
+
+    async def body(c: Clients) -> None:
+        live = await c.sender(440)
+        rx = await c.receiver(live.stream_id, name="rx")
+        await rx.wait_audio(0.5)
+        mute = await c.signal("mute")
+        await mute.send({"type": "start_receiving", "stream_id": live.stream_id})
+        await mute.expect("webrtc_offer", 5)
+        await c.wait_health(lambda h: h["receivers"] == 2, 3, "the offered receiver counted")
+
+        await c.wait_health(lambda h: h["receivers"] == 1, 8, "the unanswered receiver freed")
+        err = await expect_code(mute, "answer_timeout", 3)
+        assert "2" in err["message"], f"the message should name the timeout: {err}"
+        await still_hears(rx, 440)
+        # The socket still works: a new request gets a new offer (and a new slot).
+        await mute.send({"type": "start_receiving", "stream_id": live.stream_id})
+        await mute.expect("webrtc_offer", 5)
+        await c.wait_health(lambda h: h["receivers"] == 2, 3, "the new offer counted")
+
+    relay(server, body)
+
+
 class StallingTone(ToneTrack):
     """A tone that plays for ``play`` seconds, then its recv() never returns (a hung microphone)."""
 

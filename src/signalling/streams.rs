@@ -1,0 +1,67 @@
+//! Where a stream starts and ends. A stream lives in two places: the
+//! registry lists it (for clients, `/health` and MP3 listeners) and the relay
+//! routes its media. The invariant, kept here and nowhere else: a stream is
+//! listed only once the relay has its sender, and ending it ends it in both
+//! (the relay may have ended it first, on its own, when the sender's peer
+//! closed; ending it again there is harmless).
+
+use std::sync::Arc;
+
+use str0m::Rtc;
+
+use super::Signalling;
+use crate::mp3::{self, Mp3Error};
+use crate::registry::StreamSlot;
+use crate::relay::{Command, PeerEvents, PeerId, RelayError};
+
+/// Why a stream could not start.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    #[error("cannot start the MP3 encoder: {0}")]
+    Mp3(#[from] Mp3Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
+impl StartError {
+    /// The `code` of the `error` message the client gets.
+    pub(super) fn code(&self) -> &'static str {
+        match self {
+            StartError::Mp3(_) => "internal",
+            StartError::Relay(_) => "busy",
+        }
+    }
+}
+
+impl Signalling {
+    /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline,
+    /// then the relay, then the listing in the place `slot` reserved.
+    pub(super) fn start_stream(
+        &self,
+        slot: StreamSlot,
+        stream: &Arc<str>,
+        rtc: Rtc,
+        events: PeerEvents,
+    ) -> Result<PeerId, StartError> {
+        let (sink, fanout) = mp3::try_start(stream, self.mp3.clone())?;
+        let peer = self.relay.next_peer_id();
+        self.relay.send(Command::AddSender {
+            peer,
+            stream: stream.clone(),
+            rtc: Box::new(rtc),
+            events,
+            mp3: Some(sink),
+        })?;
+        slot.publish(stream.clone(), fanout);
+        Ok(peer)
+    }
+
+    /// Ends `stream` in the registry (everyone hears `stream_ended` once) and
+    /// in the relay (its sender and receivers close, its MP3 ends).
+    pub(super) fn end_stream(&self, stream: &Arc<str>) {
+        self.registry.end_stream(stream);
+        let _ = self.relay.send(Command::EndStream {
+            stream: stream.clone(),
+        });
+    }
+}
