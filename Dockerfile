@@ -11,6 +11,9 @@
 #
 # Home Assistant reads the io.hass.* labels of an add-on's image; its architecture names
 # differ from Docker's (arm64 is aarch64), so each platform starts from its own stage.
+# Declared before the first FROM so that FROM base-${TARGETARCH} can use it (buildah needs
+# that; BuildKit sets it either way).
+ARG TARGETARCH
 FROM scratch AS base-amd64
 LABEL io.hass.arch="amd64"
 FROM scratch AS base-arm64
