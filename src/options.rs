@@ -231,100 +231,54 @@ impl AddonOptions {
                 config.data_dir = dir.to_owned();
             }
         }
-        fill(
-            explicit,
-            "announce_ip",
-            &mut config.announce_ip,
-            self.announce_ips,
+        // Settings whose option, flag and field share a name.
+        macro_rules! fill_same {
+            ($($name:ident),*) => {$(
+                fill(explicit, stringify!($name), &mut config.$name, self.$name);
+            )*};
+        }
+        fill_same!(
+            mp3_bitrate,
+            mp3_burst_ms,
+            max_streams,
+            max_receivers_per_stream,
+            max_receivers,
+            max_listeners_per_stream,
+            max_listeners,
+            max_connections_per_ip,
+            max_messages_per_sec,
+            log_level
         );
+        // Lists: the option's name is the flag's plural.
+        let announce = self.announce_ips;
+        fill(explicit, "announce_ip", &mut config.announce_ip, announce);
+        let hostnames = self.tls_hostnames;
         fill(
             explicit,
             "tls_hostname",
             &mut config.tls_hostname,
-            self.tls_hostnames,
+            hostnames,
         );
-        if !explicit("token_file") {
-            fill_some(explicit, "token", &mut config.token, self.token);
-        }
-        fill_some(
-            explicit,
-            "send_token",
-            &mut config.send_token,
-            self.send_token,
-        );
-        fill_some(
-            explicit,
-            "listen_token",
-            &mut config.listen_token,
-            self.listen_token,
-        );
+        let origins = self.allowed_origins;
         fill(
             explicit,
             "allowed_origin",
             &mut config.allowed_origin,
-            self.allowed_origins,
+            origins,
         );
+        let proxies = self.trusted_proxies;
         fill(
             explicit,
             "trusted_proxy",
             &mut config.trusted_proxy,
-            self.trusted_proxies,
+            proxies,
         );
-        fill(
-            explicit,
-            "mp3_bitrate",
-            &mut config.mp3_bitrate,
-            self.mp3_bitrate,
-        );
-        fill(
-            explicit,
-            "mp3_burst_ms",
-            &mut config.mp3_burst_ms,
-            self.mp3_burst_ms,
-        );
-        fill(
-            explicit,
-            "max_streams",
-            &mut config.max_streams,
-            self.max_streams,
-        );
-        fill(
-            explicit,
-            "max_receivers_per_stream",
-            &mut config.max_receivers_per_stream,
-            self.max_receivers_per_stream,
-        );
-        fill(
-            explicit,
-            "max_receivers",
-            &mut config.max_receivers,
-            self.max_receivers,
-        );
-        fill(
-            explicit,
-            "max_listeners_per_stream",
-            &mut config.max_listeners_per_stream,
-            self.max_listeners_per_stream,
-        );
-        fill(
-            explicit,
-            "max_listeners",
-            &mut config.max_listeners,
-            self.max_listeners,
-        );
-        fill(
-            explicit,
-            "max_connections_per_ip",
-            &mut config.max_connections_per_ip,
-            self.max_connections_per_ip,
-        );
-        fill(
-            explicit,
-            "max_messages_per_sec",
-            &mut config.max_messages_per_sec,
-            self.max_messages_per_sec,
-        );
-        fill(explicit, "log_level", &mut config.log_level, self.log_level);
+        if !explicit("token_file") {
+            fill_some(explicit, "token", &mut config.token, self.token);
+        }
+        let (send, listen) = (self.send_token, self.listen_token);
+        fill_some(explicit, "send_token", &mut config.send_token, send);
+        fill_some(explicit, "listen_token", &mut config.listen_token, listen);
         Ok(())
     }
 
@@ -550,6 +504,38 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.audio_listen, None);
+    }
+
+    #[test]
+    fn every_option_reaches_its_setting() {
+        let dir = tmp("every");
+        let c = configured(
+            &[],
+            r#"{"announce_ips": ["192.0.2.7"], "tls_hostnames": ["relay.lan"],
+                "allowed_origins": ["https://ha.lan:8123"], "trusted_proxies": ["127.0.0.1"],
+                "send_token": "s", "listen_token": "l", "mp3_burst_ms": 1500,
+                "max_receivers_per_stream": 11, "max_receivers": 12,
+                "max_listeners_per_stream": 13, "max_listeners": 14,
+                "max_connections_per_ip": 15, "max_messages_per_sec": 16}"#,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.announce_ip, vec!["192.0.2.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.tls_hostname, ["relay.lan"]);
+        assert_eq!(c.allowed_origin, ["https://ha.lan:8123"]);
+        assert_eq!(c.trusted_proxy.len(), 1);
+        assert_eq!(c.send_token.as_deref(), Some("s"));
+        assert_eq!(c.listen_token.as_deref(), Some("l"));
+        assert_eq!(c.mp3_burst_ms, 1500);
+        let limits = [
+            c.max_receivers_per_stream,
+            c.max_receivers,
+            c.max_listeners_per_stream,
+            c.max_listeners,
+            c.max_connections_per_ip,
+        ];
+        assert_eq!(limits, [11, 12, 13, 14, 15]);
+        assert_eq!(c.max_messages_per_sec, 16);
     }
 
     #[test]
