@@ -417,6 +417,41 @@ mod tests {
     }
 
     #[test]
+    fn preamble_goes_first_even_when_written_in_pieces() {
+        let (client, server) = pair();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .expect("rcvbuf");
+        let lead: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let ring: Vec<Batch> = (0..3).map(|n| batch(n, 1000)).collect();
+        let mut s = slot(server, false, 8);
+        s.lead = Bytes::from(lead.clone());
+        // Nobody reads yet: 64 KiB cannot fit in the socket buffers.
+        assert_eq!(write_slot(&mut s, &ring, 10, 13), WriteOutcome::Blocked);
+        assert!(!s.lead.is_empty() && s.next == 10, "still in the preamble");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            (&client).read_to_end(&mut got).expect("read");
+            got
+        });
+        while write_slot(&mut s, &ring, 10, 13) != WriteOutcome::CaughtUp {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(s.lead.is_empty());
+        drop(s);
+        let got = reader.join().expect("reader");
+        let mut want = lead;
+        for n in 0..3u8 {
+            want.extend(std::iter::repeat_n(n, 1000));
+        }
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "preamble, then the batches, in order");
+    }
+
+    #[test]
     fn advance_tracks_partial_writes() {
         let (_client, server) = pair();
         let ring: Vec<Batch> = (0..3).map(|n| batch(n, 10)).collect();
