@@ -10,6 +10,7 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod mp3;
+pub mod ogg_opus;
 pub mod options;
 pub mod priority;
 pub mod probe;

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub senders: IntGauge,
     pub receivers: IntGauge,
     pub mp3_listeners: IntGauge,
+    pub ogg_listeners: IntGauge,
     pub websocket_clients: IntGauge,
     pub rtp_packets_in: IntCounter,
     pub rtp_bytes_in: IntCounter,
@@ -28,6 +29,7 @@ pub struct Metrics {
     pub handshake_seconds: Histogram,
     pub offer_answer_seconds: Histogram,
     pub mp3_listeners_dropped_slow: IntCounter,
+    pub ogg_listeners_dropped_slow: IntCounter,
     pub limit_hits: IntCounterVec,
     pub errors: IntCounterVec,
 }
@@ -61,6 +63,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         senders: gauge("senders", "Live senders")?,
         receivers: gauge("receivers", "WebRTC receiver legs (offered or live)")?,
         mp3_listeners: gauge("mp3_listeners", "HTTP MP3 listeners")?,
+        ogg_listeners: gauge("ogg_listeners", "HTTP Ogg/Opus listeners")?,
         websocket_clients: gauge("websocket_clients", "Connected WebSocket clients")?,
         rtp_packets_in: counter("rtp_packets_in_total", "RTP packets received from senders")?,
         rtp_bytes_in: counter(
@@ -113,6 +116,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         mp3_listeners_dropped_slow: counter(
             "mp3_listeners_dropped_slow_total",
             "MP3 listeners disconnected for falling behind",
+        )?,
+        ogg_listeners_dropped_slow: counter(
+            "ogg_listeners_dropped_slow_total",
+            "Ogg/Opus listeners disconnected for falling behind",
         )?,
         limit_hits: counter_vec("limit_hits_total", "Requests refused by a limit", "limit")?,
         errors: counter_vec(

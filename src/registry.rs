@@ -13,7 +13,7 @@ use std::time::Instant;
 use rand::Rng;
 use tokio::sync::broadcast;
 
-use crate::mp3::Fanout;
+use crate::mp3::{Fanout, Format};
 use crate::sync::lock;
 
 /// Capacity of the event broadcast. A client that falls further behind than
@@ -29,12 +29,33 @@ pub enum StreamEvent {
     Shutdown,
 }
 
+/// A stream's outputs for HTTP listeners, one fan-out per format.
+#[derive(Clone, Debug)]
+pub struct StreamOutputs {
+    pub mp3: Arc<Fanout>,
+    pub ogg: Arc<Fanout>,
+}
+
+impl StreamOutputs {
+    pub fn of(&self, format: Format) -> &Arc<Fanout> {
+        match format {
+            Format::Mp3 => &self.mp3,
+            Format::Ogg => &self.ogg,
+        }
+    }
+
+    /// HTTP listeners of every format.
+    fn listeners(&self) -> usize {
+        self.mp3.listener_count() + self.ogg.listener_count()
+    }
+}
+
 /// One live stream as the registry lists it.
 struct LiveStream {
     id: Arc<str>,
     started: Instant,
-    /// Live MP3 for HTTP listeners.
-    fanout: Arc<Fanout>,
+    /// Live MP3 and Ogg/Opus for HTTP listeners.
+    outputs: StreamOutputs,
     /// WebRTC receiver legs of this stream (offered or live).
     receivers: Arc<AtomicUsize>,
 }
@@ -154,23 +175,37 @@ impl Registry {
         self.lock().live.last().map(|s| s.id.clone())
     }
 
-    /// The MP3 fan-out of a stream (`None` id = newest).
-    pub fn fanout(&self, id: Option<&str>) -> Option<(Arc<str>, Arc<Fanout>)> {
+    /// The `format` fan-out of a stream (`None` id = newest).
+    pub fn fanout(&self, id: Option<&str>, format: Format) -> Option<(Arc<str>, Arc<Fanout>)> {
         let streams = self.lock();
         let s = match id {
             Some(id) => streams.find(id),
             None => streams.live.last(),
         }?;
-        Some((s.id.clone(), s.fanout.clone()))
+        Some((s.id.clone(), s.outputs.of(format).clone()))
     }
 
-    /// Per-stream MP3 listener counts, oldest first.
-    pub fn listener_counts(&self) -> Vec<(Arc<str>, usize)> {
+    /// Per-stream listener counts of one format, oldest first.
+    pub fn listener_counts(&self, format: Format) -> Vec<(Arc<str>, usize)> {
         self.lock()
             .live
             .iter()
-            .map(|s| (s.id.clone(), s.fanout.listener_count()))
+            .map(|s| (s.id.clone(), s.outputs.of(format).listener_count()))
             .collect()
+    }
+
+    /// Listeners of one format, all streams.
+    pub fn format_listeners(&self, format: Format) -> usize {
+        self.lock()
+            .live
+            .iter()
+            .map(|s| s.outputs.of(format).listener_count())
+            .sum()
+    }
+
+    /// HTTP listeners of one stream, every format (`None` if not live).
+    pub fn stream_listeners(&self, id: &str) -> Option<usize> {
+        self.lock().find(id).map(|s| s.outputs.listeners())
     }
 
     pub fn senders(&self) -> usize {
@@ -193,13 +228,10 @@ impl Registry {
             .map_or(0, |s| s.receivers.load(Ordering::Relaxed))
     }
 
-    /// MP3 listeners of all streams.
+    /// HTTP listeners (MP3 and Ogg) of all streams: what the listener
+    /// limit counts.
     pub fn total_listeners(&self) -> usize {
-        self.lock()
-            .live
-            .iter()
-            .map(|s| s.fanout.listener_count())
-            .sum()
+        self.lock().live.iter().map(|s| s.outputs.listeners()).sum()
     }
 
     /// Reserves one WebRTC receiver leg of `stream`, unless the server has
@@ -259,7 +291,7 @@ pub struct StreamSlot {
 
 impl StreamSlot {
     /// Lists the stream (newest last) in this place and tells everyone.
-    pub fn publish(mut self, id: Arc<str>, fanout: Arc<Fanout>) {
+    pub fn publish(mut self, id: Arc<str>, outputs: StreamOutputs) {
         let Some(registry) = self.registry.take() else {
             return;
         };
@@ -269,7 +301,7 @@ impl StreamSlot {
             streams.live.push(LiveStream {
                 id: id.clone(),
                 started: Instant::now(),
-                fanout,
+                outputs,
                 receivers: Arc::new(AtomicUsize::new(0)),
             });
         }
@@ -334,8 +366,12 @@ mod tests {
     use crate::mp3::Mp3Config;
     use std::sync::Barrier;
 
-    fn fanout(id: &str) -> Arc<Fanout> {
-        Fanout::new(id, &Mp3Config::default(), Arc::default())
+    fn outputs(id: &str) -> StreamOutputs {
+        let fanout = || Fanout::new(id, &Mp3Config::default(), Arc::default());
+        StreamOutputs {
+            mp3: fanout(),
+            ogg: fanout(),
+        }
     }
 
     /// Runs `attempt` on `threads` threads released at the same moment;
@@ -364,7 +400,7 @@ mod tests {
     fn live_stream(reg: &Arc<Registry>) -> Arc<str> {
         let id = Registry::new_stream_id();
         let slot = reg.try_reserve_stream(usize::MAX).expect("room");
-        slot.publish(id.clone(), fanout(&id));
+        slot.publish(id.clone(), outputs(&id));
         id
     }
 
@@ -415,7 +451,7 @@ mod tests {
             let got = race(8, move || {
                 let slot = r.try_reserve_stream(3)?;
                 let id = Registry::new_stream_id();
-                slot.publish(id.clone(), fanout(&id));
+                slot.publish(id.clone(), outputs(&id));
                 Ok::<_, Refused>(())
             });
             assert_eq!(got.iter().filter(|g| g.is_ok()).count(), 2);

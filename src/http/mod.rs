@@ -1,7 +1,8 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
-//! `/stream/status`, the live MP3 streams, and the web assets. On plain-HTTP
-//! listeners, live MP3 requests are taken over earlier, in the accept hook
-//! (`mp3_direct.rs`); the route here serves them behind TLS and for `HEAD`.
+//! `/stream/status`, the live MP3 and Ogg/Opus streams, and the web assets.
+//! On plain-HTTP listeners, live stream requests are taken over earlier, in
+//! the accept hook (`mp3_direct.rs`, which serves both formats); the route
+//! here serves them behind TLS and for `HEAD`.
 
 mod mp3_direct;
 
@@ -25,6 +26,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::access::Access;
 use crate::liveness::Liveness;
 use crate::metrics::metrics;
+use crate::mp3::{Fanout, Format};
 use crate::proxy::TrustedProxies;
 use crate::registry::{Registry, StreamEvent};
 use crate::signalling::{self, Signalling};
@@ -132,7 +134,7 @@ fn audio_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/stream/status", get(status))
-        .route("/stream/{file}", get(mp3_stream))
+        .route("/stream/{file}", get(live_stream))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -149,7 +151,10 @@ async fn prometheus_metrics(
     m.streams.set(reg.list().len() as i64);
     m.senders.set(reg.senders() as i64);
     m.receivers.set(reg.receivers() as i64);
-    m.mp3_listeners.set(reg.total_listeners() as i64);
+    m.mp3_listeners
+        .set(reg.format_listeners(Format::Mp3) as i64);
+    m.ogg_listeners
+        .set(reg.format_listeners(Format::Ogg) as i64);
     m.websocket_clients.set(reg.clients() as i64);
     (
         [(
@@ -163,37 +168,46 @@ async fn prometheus_metrics(
 
 #[derive(Deserialize)]
 struct StreamQuery {
-    /// Seconds `latest.mp3` may wait for a stream to start.
+    /// Seconds `latest.mp3` / `latest.ogg` may wait for a stream to start.
     wait: Option<f64>,
 }
 
 /// Longest wait a request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// Resolves a request for `/stream/{file}` to a live stream (waiting for
-/// `latest`), checking access and, when `join` is set, the listener limits.
-pub(crate) async fn find_mp3_stream(
+/// The stream id and output format a `/stream/{file}` names.
+fn stream_file(file: &str) -> Option<(&str, Format)> {
+    [Format::Mp3, Format::Ogg].into_iter().find_map(|format| {
+        let id = file.strip_suffix(format.name())?.strip_suffix('.')?;
+        Some((id, format))
+    })
+}
+
+/// Resolves a request for `/stream/{file}` (`.mp3` or `.ogg`) to a live
+/// stream's output (waiting for `latest`), checking access and, when `join`
+/// is set, the listener limits.
+pub(crate) async fn find_live_stream(
     state: &AppState,
     file: &str,
     uri: &Uri,
     headers: &HeaderMap,
     join: bool,
-) -> Result<(Arc<str>, Arc<crate::mp3::Fanout>), Refusal> {
+) -> Result<(Arc<str>, Arc<Fanout>), Refusal> {
     if !state.access.of_request(uri, headers).listen {
         return Err(unauthorized("listening"));
     }
-    let Some(id) = file.strip_suffix(".mp3") else {
+    let Some((id, format)) = stream_file(file) else {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
-            format!("no such resource: /stream/{file} (streams end in .mp3)"),
+            format!("no such resource: /stream/{file} (streams end in .mp3 or .ogg)"),
         ));
     };
     let wait = latest_wait(state, uri)?;
     let registry = state.registry();
     let found = if id == "latest" {
-        wait_for_latest(registry, wait).await
+        wait_for_latest(registry, wait, format).await
     } else {
-        registry.fanout(Some(id))
+        registry.fanout(Some(id), format)
     };
     let Some((stream_id, fanout)) = found else {
         let message = if id == "latest" {
@@ -209,7 +223,7 @@ pub(crate) async fn find_mp3_stream(
     Ok((stream_id, fanout))
 }
 
-/// How long `latest.mp3` may wait for a stream: `?wait=SECONDS` (at most
+/// How long `latest.mp3` / `latest.ogg` may wait for a stream: `?wait=SECONDS` (at most
 /// [`MAX_WAIT`]) or the server's default.
 fn latest_wait(state: &AppState, uri: &Uri) -> Result<Duration, Refusal> {
     let Ok(Query(query)) = Query::<StreamQuery>::try_from_uri(uri) else {
@@ -225,19 +239,23 @@ fn latest_wait(state: &AppState, uri: &Uri) -> Result<Duration, Refusal> {
         .unwrap_or(state.mp3_wait))
 }
 
-/// A 503 once the stream or the server has its maximum of MP3 listeners.
+/// A 503 once the stream or the server has its maximum of HTTP listeners
+/// (MP3 and Ogg together).
 fn check_listener_limits(
     state: &AppState,
     stream_id: &str,
-    fanout: &crate::mp3::Fanout,
+    fanout: &Fanout,
 ) -> Result<(), Refusal> {
     let limits = &state.signalling.limits;
-    if fanout.listener_count() < limits.listeners_per_stream
-        && state.registry().total_listeners() < limits.listeners
-    {
+    let registry = state.registry();
+    let of_stream = registry
+        .stream_listeners(stream_id)
+        .unwrap_or_else(|| fanout.listener_count());
+    if of_stream < limits.listeners_per_stream && registry.total_listeners() < limits.listeners {
         return Ok(());
     }
-    tracing::info!(stream = %stream_id, "mp3 listener refused: limit reached");
+    let format = fanout.format().name();
+    tracing::info!(stream = %stream_id, format, "listener refused: limit reached");
     metrics().limit_hits.with_label_values(&["listeners"]).inc();
     Err(Refusal {
         header: Some((header::RETRY_AFTER, "10")),
@@ -248,8 +266,9 @@ fn check_listener_limits(
     })
 }
 
-/// `GET /stream/{id}.mp3` and `/stream/latest.mp3`: an endless live MP3 body.
-async fn mp3_stream(
+/// `GET /stream/{id}.mp3` and `/stream/latest.mp3`, and the same in `.ogg`:
+/// an endless live body.
+async fn live_stream(
     State(state): State<AppState>,
     method: Method,
     Path(file): Path<String>,
@@ -257,13 +276,14 @@ async fn mp3_stream(
     headers: HeaderMap,
 ) -> Response {
     let join = method != Method::HEAD;
-    let (stream_id, fanout) = match find_mp3_stream(&state, &file, &uri, &headers, join).await {
+    let (stream_id, fanout) = match find_live_stream(&state, &file, &uri, &headers, join).await {
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
     };
+    let format = fanout.format();
     let mut response = if join {
         let listener = fanout.subscribe();
-        tracing::info!(stream = %stream_id, listeners = fanout.listener_count(), "mp3 listener joined");
+        tracing::info!(stream = %stream_id, format = format.name(), listeners = fanout.listener_count(), "listener joined");
         Body::from_stream(listener.into_stream()).into_response()
     } else {
         Body::empty().into_response()
@@ -271,7 +291,7 @@ async fn mp3_stream(
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("audio/mpeg"),
+        header::HeaderValue::from_static(format.content_type()),
     );
     h.insert(
         header::CACHE_CONTROL,
@@ -283,14 +303,15 @@ async fn mp3_stream(
     response
 }
 
-/// The newest stream, waiting up to `wait` for one to start.
+/// The newest stream's `format` output, waiting up to `wait` for one to start.
 async fn wait_for_latest(
     registry: &Registry,
     wait: Duration,
-) -> Option<(Arc<str>, Arc<crate::mp3::Fanout>)> {
+    format: Format,
+) -> Option<(Arc<str>, Arc<Fanout>)> {
     // Subscribe before looking, so a stream starting in between is not missed.
     let mut events = registry.subscribe();
-    if let Some(found) = registry.fanout(None) {
+    if let Some(found) = registry.fanout(None, format) {
         return Some(found);
     }
     let deadline = tokio::time::Instant::now() + wait;
@@ -299,7 +320,7 @@ async fn wait_for_latest(
             Err(_) => return None,
             Ok(Ok(StreamEvent::Shutdown)) | Ok(Err(RecvError::Closed)) => return None,
             Ok(_) => {
-                if let Some(found) = registry.fanout(None) {
+                if let Some(found) = registry.fanout(None, format) {
                     return Some(found);
                 }
             }
@@ -397,9 +418,9 @@ fn upgrade_ws(
         })
 }
 
-/// `{stream_id: mp3 listener count}` for every live stream.
-fn listener_map(reg: &Registry) -> serde_json::Map<String, serde_json::Value> {
-    reg.listener_counts()
+/// `{stream_id: listener count}` of one format for every live stream.
+fn listener_map(reg: &Registry, format: Format) -> serde_json::Map<String, serde_json::Value> {
+    reg.listener_counts(format)
         .into_iter()
         .map(|(id, n)| (id.to_string(), json!(n)))
         .collect()
@@ -417,7 +438,7 @@ fn health_of(reg: &Registry, liveness: &Liveness) -> Response {
         None => StatusCode::OK,
         Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let listeners = listener_map(reg);
+    let listeners = listener_map(reg, Format::Mp3);
     let mut body = json!({
         "status": if failure.is_none() { "healthy" } else { "unhealthy" },
         "active_streams": reg.list(),
@@ -425,6 +446,7 @@ fn health_of(reg: &Registry, liveness: &Liveness) -> Response {
         "receivers": reg.receivers(),
         "websocket_clients": reg.clients(),
         "mp3_listeners": listeners,
+        "ogg_listeners": listener_map(reg, Format::Ogg),
         "uptime_secs": reg.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -441,12 +463,13 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> 
     let reg = state.registry();
     Json(json!({
         "active_streams": reg.list(),
-        "mp3_listeners": listener_map(reg),
+        "mp3_listeners": listener_map(reg, Format::Mp3),
+        "ogg_listeners": listener_map(reg, Format::Ogg),
     }))
     .into_response()
 }
 
-/// Send buffer of accepted TCP connections. Small on purpose: a live MP3
+/// Send buffer of accepted TCP connections. Small on purpose: a live
 /// listener that stops reading must fall behind (and be dropped) within
 /// seconds, instead of the kernel soaking up minutes of audio for it. JSON
 /// signalling messages are far smaller.

@@ -1,6 +1,7 @@
-//! Live MP3 served straight from the accept hook of the plain-HTTP listeners.
-//! Owns recognising `GET /stream/{file}.mp3` from a peek at the request head,
-//! answering it, and handing the socket to the stream's writer thread
+//! Live MP3 and Ogg/Opus served straight from the accept hook of the
+//! plain-HTTP listeners. Owns recognising `GET /stream/{file}.mp3` (or
+//! `.ogg`) from a peek at the request head, answering it, and handing the
+//! socket to the stream's writer thread of that format
 //! ([`crate::mp3::Fanout::attach`]): a listener then costs a few dozen bytes
 //! and no task, instead of a task and an HTTP connection. Every other request
 //! (`HEAD` included) is left unread and goes to the router as usual.
@@ -15,7 +16,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{find_mp3_stream, tune, AppState, Refusal};
+use super::{find_live_stream, stream_file, tune, AppState, Refusal};
 
 /// Longest request head we look at; larger ones go to the router.
 const MAX_HEAD: usize = 8 * 1024;
@@ -155,7 +156,7 @@ fn parse_head(bytes: &[u8]) -> Parsed {
     let Some(file) = uri.path().strip_prefix("/stream/") else {
         return Parsed::Other;
     };
-    if !file.ends_with(".mp3") || file.contains('/') || file.contains('%') {
+    if stream_file(file).is_none() || file.contains('/') || file.contains('%') {
         return Parsed::Other;
     }
     let file = file.to_owned();
@@ -192,7 +193,7 @@ async fn serve(state: AppState, mut stream: TcpStream, request: Box<Mp3Request>)
     } else {
         "HTTP/1.1"
     };
-    let found = find_mp3_stream(&state, &request.file, &request.uri, &request.headers, true).await;
+    let found = find_live_stream(&state, &request.file, &request.uri, &request.headers, true).await;
     let (stream_id, fanout) = match found {
         Ok(found) => found,
         Err(refusal) => {
@@ -202,32 +203,34 @@ async fn serve(state: AppState, mut stream: TcpStream, request: Box<Mp3Request>)
         }
     };
     let chunked = !request.http10;
-    let response = response_head(version, &stream_id, chunked);
+    let format = fanout.format();
+    let response = response_head(version, &stream_id, format.content_type(), chunked);
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
     let socket = match stream.into_std() {
         Ok(socket) => socket,
         Err(err) => {
-            tracing::warn!(error = %err, "mp3 listener: could not take the socket");
+            tracing::warn!(error = %err, "listener: could not take the socket");
             return;
         }
     };
     match fanout.attach(socket, peer, chunked) {
         Ok(()) => tracing::info!(
             stream = %stream_id,
+            format = format.name(),
             peer = %peer,
             listeners = fanout.listener_count(),
-            "mp3 listener joined"
+            "listener joined"
         ),
         Err(err) => {
-            tracing::error!(stream = %stream_id, error = %err, "mp3 listener: no writer thread")
+            tracing::error!(stream = %stream_id, error = %err, "listener: no writer thread")
         }
     }
 }
 
-/// The head of a live MP3 response (its body is chunked for HTTP/1.1).
-fn response_head(version: &str, stream_id: &str, chunked: bool) -> String {
+/// The head of a live response (its body is chunked for HTTP/1.1).
+fn response_head(version: &str, stream_id: &str, content_type: &str, chunked: bool) -> String {
     let id_header = HeaderValue::from_str(stream_id)
         .map(|_| format!("x-stream-id: {stream_id}\r\n"))
         .unwrap_or_default();
@@ -237,7 +240,7 @@ fn response_head(version: &str, stream_id: &str, chunked: bool) -> String {
         ""
     };
     format!(
-        "{version} 200 OK\r\ncontent-type: audio/mpeg\r\ncache-control: no-cache, no-store\r\n\
+        "{version} 200 OK\r\ncontent-type: {content_type}\r\ncache-control: no-cache, no-store\r\n\
          {id_header}{encoding}connection: close\r\n\r\n"
     )
 }
@@ -278,6 +281,8 @@ mod tests {
         assert_eq!(r.uri.query(), Some("wait=2&token=t"));
         assert_eq!(r.headers["authorization"], "Bearer k");
         assert!(!r.http10);
+        let r = mp3(b"GET /stream/abc.ogg HTTP/1.1\r\n\r\n");
+        assert_eq!(r.file, "abc.ogg");
         let r = mp3(b"GET /stream/latest.mp3 HTTP/1.0\r\n\r\nextra body bytes");
         assert!(r.http10);
         assert_eq!(r.head_len, b"GET /stream/latest.mp3 HTTP/1.0\r\n\r\n".len());
@@ -290,6 +295,8 @@ mod tests {
             b"HEAD /stream/a.mp3 HTTP/1.1\r\n\r\n",
             b"GET /stream/a%20b.mp3 HTTP/1.1\r\n\r\n",
             b"GET /stream/x/y.mp3 HTTP/1.1\r\n\r\n",
+            b"GET /stream/a.wav HTTP/1.1\r\n\r\n",
+            b"GET /stream/a.xogg HTTP/1.1\r\n\r\n",
             b"GET /stream/a.mp3 HTTP/1.1\r\nBad Header\r\n\r\n",
             b"POST /stream/a.mp3 HTTP/1.1\r\n\r\n",
         ] {

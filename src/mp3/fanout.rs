@@ -1,7 +1,8 @@
-//! One stream's MP3 distribution point, [`Fanout`]: what the pipeline
-//! publishes to and what HTTP serves from. It ties together the stream's
-//! [`Ring`] of batches and its two kinds of listener: async [`Listener`]s
-//! (an HTTP body each) and sockets handed to the stream's writer thread.
+//! One stream's distribution point for one output [`Format`], [`Fanout`]:
+//! what a pipeline publishes to and what HTTP serves from. It ties together
+//! the stream's [`Ring`] of batches and its two kinds of listener: async
+//! [`Listener`]s (an HTTP body each) and sockets handed to the stream's
+//! writer thread. Used as is by the MP3 and the Ogg/Opus outputs.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -10,11 +11,37 @@ use std::sync::Arc;
 use super::batch::Batch;
 use super::counters::{PipelineCounters, PipelineCounts};
 use super::listener::Listener;
-use super::ring::Ring;
+use super::ring::{Preamble, Ring};
 use super::writer::Writer;
 use super::Mp3Config;
 
-/// Created by [`super::start`]; shared by the pipeline thread, the registry
+/// What a fan-out carries to its listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// MP3 transcoded from the sender's Opus.
+    Mp3,
+    /// The sender's own Opus packets in Ogg pages (RFC 7845).
+    Ogg,
+}
+
+impl Format {
+    /// Name in logs, and the file extension of its URL.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Mp3 => "mp3",
+            Format::Ogg => "ogg",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Mp3 => "audio/mpeg",
+            Format::Ogg => "audio/ogg",
+        }
+    }
+}
+
+/// Created by [`super::start`] (and the Ogg output's start); shared by the pipeline thread, the registry
 /// and the HTTP layer.
 pub struct Fanout {
     ring: Arc<Ring>,
@@ -25,6 +52,7 @@ impl std::fmt::Debug for Fanout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fanout")
             .field("stream_id", &self.stream_id())
+            .field("format", &self.format())
             .field("listeners", &self.listener_count())
             .field("frames_published", &self.frames_published())
             .field("closed", &self.is_closed())
@@ -38,10 +66,26 @@ impl Fanout {
         config: &Mp3Config,
         counters: Arc<PipelineCounters>,
     ) -> Arc<Self> {
+        Self::with_preamble(stream_id, Format::Mp3, None, config, counters)
+    }
+
+    /// A fan-out of `format` whose listeners each first get `preamble`.
+    pub(crate) fn with_preamble(
+        stream_id: &str,
+        format: Format,
+        preamble: Option<Preamble>,
+        config: &Mp3Config,
+        counters: Arc<PipelineCounters>,
+    ) -> Arc<Self> {
+        let ring = Ring::new(stream_id, format, preamble, config, counters);
         Arc::new(Self {
-            ring: Arc::new(Ring::new(stream_id, config, counters)),
+            ring: Arc::new(ring),
             writer: Writer::default(),
         })
+    }
+
+    pub fn format(&self) -> Format {
+        self.ring.format
     }
 
     /// How many batches one packet may publish at once (see

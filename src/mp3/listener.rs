@@ -25,6 +25,9 @@ impl Drop for ListenerGuard {
 /// stream from [`into_stream`](Self::into_stream) is dropped).
 pub struct Listener {
     burst: Bytes,
+    /// Its format has a preamble that it has not had yet (its burst was
+    /// empty): it goes before the first live batch.
+    needs_preamble: bool,
     /// Sequence number of the next live batch.
     next: u64,
     rx: watch::Receiver<u64>,
@@ -45,22 +48,29 @@ impl Listener {
         let s = ring.lock();
         let start = s.burst_start(ring.burst_ns);
         let mut burst = BytesMut::new();
+        let first = s.ring.get((start - s.first_seq) as usize);
+        if let Some(preamble) = first.and_then(|b| ring.preamble_for(b)) {
+            burst.extend_from_slice(&preamble);
+        }
         for b in s.ring.range((start - s.first_seq) as usize..) {
             burst.extend_from_slice(&b.data);
         }
+        let needs_preamble = first.is_none() && ring.preamble.is_some();
         let next = s.end_seq();
         let rx = ring.watch();
         ring.listener_joined();
         drop(s);
         Listener {
             burst: burst.freeze(),
+            needs_preamble,
             next,
             rx,
             guard: ListenerGuard(Arc::clone(ring)),
         }
     }
 
-    /// The burst (whole frames, possibly empty) this listener starts with.
+    /// The burst (its preamble and whole frames, possibly empty) this
+    /// listener starts with.
     pub fn burst(&self) -> &Bytes {
         &self.burst
     }
@@ -75,6 +85,13 @@ impl Listener {
         if self.next < end {
             let batch = &s.ring[(self.next - s.first_seq) as usize];
             self.next += 1;
+            if std::mem::take(&mut self.needs_preamble) {
+                if let Some(preamble) = ring.preamble_for(batch) {
+                    let mut data = BytesMut::from(&preamble[..]);
+                    data.extend_from_slice(&batch.data);
+                    return Step::Send(data.freeze());
+                }
+            }
             return Step::Send(batch.data.clone());
         }
         if s.closed {
@@ -101,7 +118,7 @@ impl Listener {
                     Step::End => return None,
                     Step::Lagged(n) => {
                         me.guard.0.dropped_slow(n);
-                        let err = io::Error::other("mp3 listener too slow");
+                        let err = io::Error::other("listener too slow");
                         return Some((Err(err), None));
                     }
                     Step::Wait => {

@@ -7,7 +7,9 @@
 //! listener through [`Fanout`] as refcounted ~200 ms batches (`batch.rs`) in
 //! a ring (`ring.rs`). Async listeners read the ring (`listener.rs`);
 //! listener sockets handed over after their response head are written by one
-//! `mp3w-<stream_id>` thread per stream (`writer.rs`). Imports go one way:
+//! `mp3w-<stream_id>` thread per stream (`writer.rs`). The fan-out, ring,
+//! batches, listeners and writer are format-neutral and also carry the
+//! Ogg/Opus output ([`crate::ogg_opus`]). Imports go one way:
 //! fanout → listener, writer → ring → batch, counters.
 
 pub mod batch;
@@ -18,7 +20,7 @@ pub mod fanout;
 pub mod frames;
 pub mod gap;
 mod listener;
-mod pipeline;
+pub(crate) mod pipeline;
 mod ring;
 mod writer;
 
@@ -26,8 +28,9 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{mpsc, Arc};
 
 pub use counters::{PipelineCounters, PipelineCounts};
-pub use fanout::Fanout;
+pub use fanout::{Fanout, Format};
 pub use listener::Listener;
+pub(crate) use ring::Preamble;
 pub use writer::wait_idle as wait_writers;
 
 use counters::bump;
@@ -157,6 +160,13 @@ impl PacketSink {
         self.counters
             .packets_dropped_queue_full
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PacketSink {
+    /// A sink into `tx` that counts what it drops in `counters`.
+    pub(crate) fn new(tx: SyncSender<OpusPacket>, counters: Arc<PipelineCounters>) -> Self {
+        Self { tx, counters }
     }
 }
 

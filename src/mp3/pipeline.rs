@@ -1,7 +1,8 @@
 //! The per-stream thread body: owns the receive loop that drives
 //! decode → encode → publish (coalescing bursts of batches from long filled
 //! gaps), and the end-of-stream sequence (drain, flush LAME, publish the
-//! remainder, close the fan-out).
+//! remainder, close the fan-out). The Ogg output's thread reuses its
+//! publishing and closing.
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use super::OpusPacket;
 
 /// Closes the fan-out however the thread exits (even by panic), so listener
 /// bodies always end.
-struct CloseOnDrop(Arc<Fanout>);
+pub(crate) struct CloseOnDrop(pub(crate) Arc<Fanout>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
@@ -53,7 +54,7 @@ pub(crate) fn run(
 
 /// Publishes what one packet produced (normally 0 or 1 batch; a long filled
 /// gap is coalesced so listeners are not pushed past their lag limit).
-fn publish(fanout: &Fanout, pending: &mut Vec<Batch>, max_batches: usize) {
+pub(crate) fn publish(fanout: &Fanout, pending: &mut Vec<Batch>, max_batches: usize) {
     if pending.is_empty() {
         return;
     }

@@ -2,7 +2,8 @@
 //! a new listener gets plus every listener's allowed lag, updated under one
 //! lock so that joining (taking the burst and a place) is atomic. It wakes
 //! its readers (the writer thread through a condvar, async listeners through
-//! a watch) and counts them; it knows nothing of sockets or HTTP.
+//! a watch) and counts them; it knows nothing of sockets or HTTP. The ring
+//! is format-neutral: MP3 and Ogg/Opus each have one per stream.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,8 +11,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
+use bytes::Bytes;
+
 use super::batch::Batch;
 use super::counters::{bump, PipelineCounters};
+use super::fanout::Format;
 use super::Mp3Config;
 use crate::sync::lock;
 
@@ -55,8 +59,15 @@ impl Shared {
     }
 }
 
+/// What each listener gets before its first batch, made from that batch
+/// (Ogg's per-listener header pages, numbered to precede it).
+pub(crate) type Preamble = Arc<dyn Fn(&Batch) -> Bytes + Send + Sync>;
+
 pub(super) struct Ring {
     pub(super) stream_id: String,
+    pub(super) format: Format,
+    /// `None` for formats whose listeners start right at a batch (MP3).
+    pub(super) preamble: Option<Preamble>,
     pub(super) burst_ns: u64,
     /// Batches a listener may lag beyond its burst before it is cut.
     pub(super) queue_batches: usize,
@@ -74,11 +85,15 @@ pub(super) struct Ring {
 impl Ring {
     pub(super) fn new(
         stream_id: &str,
+        format: Format,
+        preamble: Option<Preamble>,
         config: &Mp3Config,
         counters: Arc<PipelineCounters>,
     ) -> Self {
         Self {
             stream_id: stream_id.to_owned(),
+            format,
+            preamble,
             burst_ns: u64::from(config.burst_ms) * 1_000_000,
             queue_batches: config.listener_queue_batches.max(1),
             shared: Mutex::new(Shared {
@@ -177,11 +192,22 @@ impl Ring {
     /// Counts and logs a listener cut for lagging by `lagged` batches.
     pub(super) fn dropped_slow(&self, lagged: u64) {
         bump(&self.counters.listeners_dropped_slow, 1);
-        crate::metrics::metrics().mp3_listeners_dropped_slow.inc();
+        let metrics = crate::metrics::metrics();
+        match self.format {
+            Format::Mp3 => metrics.mp3_listeners_dropped_slow.inc(),
+            Format::Ogg => metrics.ogg_listeners_dropped_slow.inc(),
+        }
         tracing::warn!(
             stream_id = %self.stream_id,
+            format = self.format.name(),
             lagged_batches = lagged,
-            "mp3 listener too slow, dropping"
+            "listener too slow, dropping"
         );
+    }
+
+    /// The preamble of a listener whose first batch is `first`, if this
+    /// format has one.
+    pub(super) fn preamble_for(&self, first: &Batch) -> Option<Bytes> {
+        self.preamble.as_ref().map(|make| make(first))
     }
 }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
+
 use super::batch::Batch;
 use super::ring::Ring;
 use crate::sync::{lock, wait, wait_timeout};
@@ -56,9 +58,33 @@ struct Slot {
     allowance: u32,
     /// HTTP/1.1 chunked body (else HTTP/1.0, ended by closing).
     chunked: bool,
+    /// Its format has a preamble it has not had yet.
+    needs_preamble: bool,
+    /// What is left to write of its preamble, before batch `next`.
+    lead: Bytes,
 }
 
 impl Slot {
+    /// Before its first batch, takes this listener's preamble (made from
+    /// that batch; framed as a chunk when chunked) as the bytes to write first.
+    fn take_preamble(&mut self, ring: &Ring, batches: &[Batch], first_seq: u64) {
+        if !self.needs_preamble || self.next < first_seq {
+            return;
+        }
+        let Some(first) = batches.get((self.next - first_seq) as usize) else {
+            return;
+        };
+        self.needs_preamble = false;
+        let Some(preamble) = ring.preamble_for(first) else {
+            return;
+        };
+        self.lead = if self.chunked {
+            Batch::new(&preamble, 0, 0).framed
+        } else {
+            preamble
+        };
+    }
+
     /// What of `batch` goes on this listener's wire.
     fn body_of<'a>(&self, batch: &'a Batch) -> &'a bytes::Bytes {
         if self.chunked {
@@ -107,6 +133,8 @@ impl Writer {
             offset: 0,
             allowance: u32::try_from(allowance).unwrap_or(u32::MAX),
             chunked,
+            needs_preamble: ring.preamble.is_some(),
+            lead: Bytes::new(),
         });
         if !inbox.running {
             let (ring, thread_inbox) = (Arc::clone(ring), Arc::clone(&self.inbox));
@@ -225,6 +253,7 @@ impl Thread {
         self.blocked = false;
         let mut i = 0;
         while i < self.slots.len() {
+            self.slots[i].take_preamble(&self.ring, &self.batches, first_seq);
             let outcome = write_slot(&mut self.slots[i], &self.batches, first_seq, end_seq);
             match outcome {
                 WriteOutcome::CaughtUp if closed => finish(self.slots.swap_remove(i), &self.ring),
@@ -240,7 +269,7 @@ impl Thread {
                 }
                 WriteOutcome::Gone => {
                     let slot = self.slots.swap_remove(i);
-                    tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "mp3 listener left");
+                    tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "listener left");
                     self.ring.listener_left();
                 }
             }
@@ -257,7 +286,7 @@ impl Thread {
             return;
         }
         for slot in self.slots.drain(..) {
-            tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "mp3 listener cut at stream end: not reading");
+            tracing::info!(stream_id = %self.ring.stream_id, peer = %slot.peer, "listener cut at stream end: not reading");
             self.ring.listener_left();
         }
     }
@@ -286,7 +315,12 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut n = 0;
         let mut total = 0;
-        for (k, batch) in pending.iter().take(MAX_IOV).enumerate() {
+        if !slot.lead.is_empty() {
+            iov[0] = IoSlice::new(&slot.lead);
+            n = 1;
+            total = slot.lead.len();
+        }
+        for (k, batch) in pending.iter().take(MAX_IOV - n).enumerate() {
             let bytes = slot.body_of(batch);
             let bytes = if k == 0 {
                 &bytes[(slot.offset as usize).min(bytes.len())..]
@@ -304,7 +338,9 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return WriteOutcome::Gone,
         };
-        advance(slot, pending, written);
+        let from_lead = written.min(slot.lead.len());
+        slot.lead.advance(from_lead);
+        advance(slot, pending, written - from_lead);
         if written < total {
             return WriteOutcome::Blocked;
         }
@@ -313,6 +349,9 @@ fn write_slot(slot: &mut Slot, ring: &[Batch], first_seq: u64, end_seq: u64) -> 
 
 /// Moves the slot's position on by `written` bytes.
 fn advance(slot: &mut Slot, pending: &[Batch], mut written: usize) {
+    if written == 0 {
+        return;
+    }
     for batch in pending {
         let len = slot.body_of(batch).len();
         let left = len - (slot.offset as usize).min(len);
@@ -356,6 +395,8 @@ mod tests {
             offset: 0,
             allowance,
             chunked,
+            needs_preamble: false,
+            lead: Bytes::new(),
         }
     }
 
@@ -373,6 +414,41 @@ mod tests {
             got,
             b"5\r\n\0\0\0\0\0\r\n5\r\n\x01\x01\x01\x01\x01\r\n5\r\n\x02\x02\x02\x02\x02\r\n"
         );
+    }
+
+    #[test]
+    fn preamble_goes_first_even_when_written_in_pieces() {
+        let (client, server) = pair();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .expect("rcvbuf");
+        let lead: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let ring: Vec<Batch> = (0..3).map(|n| batch(n, 1000)).collect();
+        let mut s = slot(server, false, 8);
+        s.lead = Bytes::from(lead.clone());
+        // Nobody reads yet: 64 KiB cannot fit in the socket buffers.
+        assert_eq!(write_slot(&mut s, &ring, 10, 13), WriteOutcome::Blocked);
+        assert!(!s.lead.is_empty() && s.next == 10, "still in the preamble");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            (&client).read_to_end(&mut got).expect("read");
+            got
+        });
+        while write_slot(&mut s, &ring, 10, 13) != WriteOutcome::CaughtUp {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(s.lead.is_empty());
+        drop(s);
+        let got = reader.join().expect("reader");
+        let mut want = lead;
+        for n in 0..3u8 {
+            want.extend(std::iter::repeat_n(n, 1000));
+        }
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "preamble, then the batches, in order");
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct StreamPeers {
     sender: Option<PeerId>,
     receivers: Vec<PeerId>,
     mp3: Option<PacketSink>,
+    /// The stream's Ogg/Opus pager.
+    ogg: Option<PacketSink>,
 }
 
 pub(super) struct Relay {
@@ -159,7 +161,8 @@ impl Relay {
                 rtc,
                 events,
                 mp3,
-            } => self.add_sender(peer, stream, rtc, events, mp3),
+                ogg,
+            } => self.add_sender(peer, stream, rtc, events, [mp3, ogg]),
             Command::AddReceiver {
                 peer,
                 stream,
@@ -199,7 +202,7 @@ impl Relay {
         stream: Arc<str>,
         rtc: Box<Rtc>,
         events: PeerEvents,
-        mp3: Option<PacketSink>,
+        [mp3, ogg]: [Option<PacketSink>; 2],
     ) {
         let entry = self
             .streams
@@ -208,9 +211,11 @@ impl Relay {
                 sender: None,
                 receivers: Vec::new(),
                 mp3: None,
+                ogg: None,
             });
         entry.sender = Some(peer);
         entry.mp3 = mp3;
+        entry.ogg = ogg;
         self.insert_peer(peer, rtc, PeerKind::Sender, stream, events);
     }
 
@@ -317,13 +322,16 @@ impl Relay {
     }
 
     /// Sends one sender packet to every connected receiver of the stream and
-    /// to its MP3 pipeline.
+    /// to its MP3 pipeline and Ogg pager (a bounded channel send each).
     fn forward_packet(&mut self, stream: &Arc<str>, pkt: RtpPacket, arrived: Instant) {
         let Some(entry) = self.streams.get(stream) else {
             return;
         };
         if let Some(mp3) = &entry.mp3 {
             mp3.push(*pkt.seq_no, pkt.time.numer(), pkt.payload.clone());
+        }
+        if let Some(ogg) = &entry.ogg {
+            ogg.push(*pkt.seq_no, pkt.time.numer(), pkt.payload.clone());
         }
         self.counters.packets_in += 1;
         self.counters.bytes_in += pkt.payload.len() as u64;
@@ -427,6 +435,7 @@ impl Relay {
             sender,
             receivers,
             mp3: _,
+            ogg: _,
         } = entry;
         if let Some(s) = sender {
             self.close_peer(s, why);

@@ -48,6 +48,8 @@ pub enum Command {
         rtc: Box<Rtc>,
         events: PeerEvents,
         mp3: Option<PacketSink>,
+        /// Feeds the stream's Ogg/Opus output.
+        ogg: Option<PacketSink>,
     },
     /// A negotiated receiver peer for a stream.
     AddReceiver {

@@ -11,7 +11,8 @@ use str0m::Rtc;
 
 use super::Signalling;
 use crate::mp3::{self, Mp3Error};
-use crate::registry::StreamSlot;
+use crate::ogg_opus;
+use crate::registry::{StreamOutputs, StreamSlot};
 use crate::relay::{Command, PeerEvents, PeerId, RelayError};
 
 /// Why a stream could not start.
@@ -19,6 +20,8 @@ use crate::relay::{Command, PeerEvents, PeerId, RelayError};
 pub(super) enum StartError {
     #[error("cannot start the MP3 encoder: {0}")]
     Mp3(#[from] Mp3Error),
+    #[error("cannot start the Ogg output: {0}")]
+    Ogg(#[from] std::io::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
 }
@@ -27,15 +30,16 @@ impl StartError {
     /// The `code` of the `error` message the client gets.
     pub(super) fn code(&self) -> &'static str {
         match self {
-            StartError::Mp3(_) => "internal",
+            StartError::Mp3(_) | StartError::Ogg(_) => "internal",
             StartError::Relay(_) => "busy",
         }
     }
 }
 
 impl Signalling {
-    /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline,
-    /// then the relay, then the listing in the place `slot` reserved.
+    /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline
+    /// and Ogg pager, then the relay, then the listing in the place `slot`
+    /// reserved.
     pub(super) fn start_stream(
         &self,
         slot: StreamSlot,
@@ -43,21 +47,23 @@ impl Signalling {
         rtc: Rtc,
         events: PeerEvents,
     ) -> Result<PeerId, StartError> {
-        let (sink, fanout) = mp3::try_start(stream, self.mp3.clone())?;
+        let (mp3_sink, mp3) = mp3::try_start(stream, self.mp3.clone())?;
+        let (ogg_sink, ogg) = ogg_opus::start(stream, &self.mp3)?;
         let peer = self.relay.next_peer_id();
         self.relay.send(Command::AddSender {
             peer,
             stream: stream.clone(),
             rtc: Box::new(rtc),
             events,
-            mp3: Some(sink),
+            mp3: Some(mp3_sink),
+            ogg: Some(ogg_sink),
         })?;
-        slot.publish(stream.clone(), fanout);
+        slot.publish(stream.clone(), StreamOutputs { mp3, ogg });
         Ok(peer)
     }
 
     /// Ends `stream` in the registry (everyone hears `stream_ended` once) and
-    /// in the relay (its sender and receivers close, its MP3 ends).
+    /// in the relay (its sender and receivers close, its MP3 and Ogg end).
     pub(super) fn end_stream(&self, stream: &Arc<str>) {
         self.registry.end_stream(stream);
         let _ = self.relay.send(Command::EndStream {

@@ -224,6 +224,11 @@ def test_tls_self_signed_end_to_end(server: TlsRelay, data_dir: Path) -> None:
             assert len(samples) >= 1.5 * 48000, f"https: only {len(samples) / 48000:.2f}s decoded; ffmpeg: {err[-400:]}"
             tail = samples[-48000:]
             assert abs(dominant_frequency(tail) - 440) <= 15 and tone_purity(tail, 440) >= 0.7
+            # Ogg/Opus behind TLS (the router's async listener, headers in its burst).
+            cap = await ffmpeg_capture(f"{server.https}/stream/{sid}.ogg", 2.5)
+            assert cap.seconds >= 1.5 and not cap.problems(), f"https ogg: {cap.seconds:.2f}s; {cap.stderr[-400:]}"
+            tail = cap.samples[-48000:]
+            assert abs(dominant_frequency(tail) - 440) <= 15 and tone_purity(tail, 440) >= 0.7
             st = await get(server.audio + "/stream/status")
             assert st.status == 200 and st.json().get("active_streams") == [sid], st.body[:200]
             h = await get(server.audio + "/health")
