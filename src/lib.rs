@@ -20,3 +20,4 @@ pub mod signalling;
 pub mod sync;
 pub mod tls;
 pub mod web;
+pub mod whip;

@@ -1,9 +1,10 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
-//! `/stream/status`, the live MP3 streams, and the web assets. On plain-HTTP
+//! `/stream/status`, the live MP3 streams, WHIP (`whip.rs`), and the web assets. On plain-HTTP
 //! listeners, live MP3 requests are taken over earlier, in the accept hook
 //! (`mp3_direct.rs`); the route here serves them behind TLS and for `HEAD`.
 
 mod mp3_direct;
+mod whip;
 
 pub use mp3_direct::{Mp3Acceptor, TakenOver};
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// Proxies whose forwarded client address is believed.
     pub trusted_proxies: Arc<TrustedProxies>,
+    /// WHIP and WHEP sessions.
+    pub whip: Arc<crate::whip::Sessions>,
 }
 
 /// Why a request is refused: status, a JSON `error` message, and maybe one
@@ -118,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ca.crt", get(ca_cert))
         .route("/metrics", get(prometheus_metrics))
         .merge(web::routes())
+        .merge(whip::routes())
         .merge(audio_routes())
         .with_state(state)
 }
