@@ -1,9 +1,10 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
-//! `/stream/status`, the live MP3 streams, WHIP (`whip.rs`), and the web assets. On plain-HTTP
+//! `/stream/status`, the live MP3 streams, WHIP and WHEP (`whip.rs`, `whep.rs`), and the web assets. On plain-HTTP
 //! listeners, live MP3 requests are taken over earlier, in the accept hook
 //! (`mp3_direct.rs`); the route here serves them behind TLS and for `HEAD`.
 
 mod mp3_direct;
+mod whep;
 mod whip;
 
 pub use mp3_direct::{Mp3Acceptor, TakenOver};
@@ -122,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(prometheus_metrics))
         .merge(web::routes())
         .merge(whip::routes())
+        .merge(whep::routes())
         .merge(audio_routes())
         .with_state(state)
 }

@@ -200,6 +200,10 @@ pub(super) fn refusal(e: SessionError) -> Refusal {
         SessionError::Unacceptable(_) => Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, message),
         SessionError::Refused(Refused::NameTaken) => Refusal::new(StatusCode::CONFLICT, message),
         SessionError::Refused(Refused::NoStream) => Refusal::new(StatusCode::NOT_FOUND, message),
+        SessionError::NoLiveStream => Refusal {
+            header: Some((header::RETRY_AFTER, "5")),
+            ..Refusal::new(StatusCode::CONFLICT, message)
+        },
         SessionError::Refused(Refused::Streams(_)) => limit("streams"),
         SessionError::Refused(Refused::Receivers(_)) => limit("receivers"),
         SessionError::Refused(Refused::ReceiversPerStream(_)) => limit("receivers_per_stream"),

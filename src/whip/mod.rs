@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use str0m::change::SdpOffer;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
-use crate::registry::{Refused, Registry};
-use crate::relay::{PeerEvent, PeerId};
+use crate::registry::{ReceiverSlot, Refused, Registry};
+use crate::relay::{negotiated_opus_pt, Command, PeerEvent, PeerId};
 use crate::signalling::messages::check_sender_sdp;
 use crate::signalling::Signalling;
 use crate::sync::lock;
@@ -28,6 +28,8 @@ pub use sdp::valid_stream_name;
 pub enum Kind {
     /// WHIP: it sends a stream.
     Publish,
+    /// WHEP: it receives one.
+    Play,
 }
 
 /// One live session.
@@ -35,6 +37,8 @@ struct Session {
     kind: Kind,
     stream: Arc<str>,
     peer: PeerId,
+    /// A player's place among the stream's receivers, held while it lives.
+    _receiver: Option<ReceiverSlot>,
 }
 
 /// Why a session could not start.
@@ -51,6 +55,9 @@ pub enum SessionError {
     /// A registry limit, or the name is taken.
     #[error(transparent)]
     Refused(#[from] Refused),
+    /// WHEP `latest` while no stream is live.
+    #[error("no stream is live yet")]
+    NoLiveStream,
     #[error("too many WHIP/WHEP sessions (the limit is {0})")]
     TooManySessions(usize),
     /// The relay is overloaded or stopped.
@@ -129,10 +136,80 @@ impl Sessions {
             kind: Kind::Publish,
             stream: stream.clone(),
             peer,
+            _receiver: None,
         };
         let id = self.insert(session, events);
         tracing::info!(session = %id, stream = %stream, peer, "WHIP session started");
         Ok(Started { id, stream, answer })
+    }
+
+    /// WHEP: adds a receiver of `requested` (a stream id, or `latest` for
+    /// the newest stream) from a player's offer, exactly as a WebSocket
+    /// `start_receiving` does, except that the player offers and we answer.
+    pub fn play(self: &Arc<Self>, requested: &str, offer: &str) -> Result<Started, SessionError> {
+        let sdp = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| SessionError::BadSdp(format!("invalid SDP offer: {e}")))?;
+        let mid = sdp::audio_mid(offer).ok_or_else(|| {
+            SessionError::Unacceptable("the offer has no audio m-line with an a=mid".into())
+        })?;
+        self.check_room()?;
+        let stream = self.requested_stream(requested)?;
+        let limits = &self.ctx.limits;
+        let slot = self.ctx.registry.try_reserve_receiver(
+            &stream,
+            limits.receivers_per_stream,
+            limits.receivers,
+        )?;
+        let relay = &self.ctx.relay;
+        let (mut rtc, keys) = relay.new_receiver_rtc();
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(sdp)
+            .map_err(|e| SessionError::Unacceptable(format!("cannot accept the SDP offer: {e}")))?;
+        if negotiated_opus_pt(&rtc, mid).is_none() {
+            return Err(SessionError::Unacceptable(
+                "the offer does not receive Opus audio".into(),
+            ));
+        }
+        let peer = relay.next_peer_id();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let command = Command::AddReceiver {
+            peer,
+            stream: stream.clone(),
+            rtc: Box::new(rtc),
+            keys,
+            mid,
+            events: events_tx,
+        };
+        relay
+            .send(command)
+            .map_err(|e| SessionError::Busy(e.to_string()))?;
+        let session = Session {
+            kind: Kind::Play,
+            stream: stream.clone(),
+            peer,
+            _receiver: Some(slot),
+        };
+        let id = self.insert(session, events);
+        tracing::info!(session = %id, stream = %stream, peer, "WHEP session started");
+        Ok(Started {
+            id,
+            stream,
+            answer: answer.to_sdp_string(),
+        })
+    }
+
+    /// The live stream a WHEP request names (`latest`: the newest).
+    fn requested_stream(&self, requested: &str) -> Result<Arc<str>, SessionError> {
+        let registry = &self.ctx.registry;
+        if requested == "latest" {
+            return registry.newest().ok_or(SessionError::NoLiveStream);
+        }
+        registry
+            .list()
+            .into_iter()
+            .find(|s| &**s == requested)
+            .ok_or(SessionError::Refused(Refused::NoStream))
     }
 
     /// A 503 before any work when the table is full.
@@ -189,6 +266,12 @@ impl Sessions {
         };
         match session.kind {
             Kind::Publish => self.ctx.end_stream(&session.stream),
+            Kind::Play => {
+                let _ = self
+                    .ctx
+                    .relay
+                    .send(Command::ClosePeer { peer: session.peer });
+            }
         }
         tracing::debug!(session = %id, peer = session.peer, "WHIP/WHEP session ended");
         true
