@@ -40,7 +40,7 @@ async fn play(
         Ok(started) => created(&started, "whep"),
         Err(refusal) => refusal.into_response(),
     };
-    with_cors(&headers, response)
+    with_cors(&state, &headers, response)
 }
 
 /// Checks a WHEP `POST` and adds its receiver.
@@ -75,9 +75,9 @@ async fn delete_session(
     } else {
         ended(state.whip.end(&id, Kind::Play))
     };
-    with_cors(&headers, response)
+    with_cors(&state, &headers, response)
 }
 
-async fn preflight_endpoint(headers: HeaderMap) -> Response {
-    preflight(&headers, "POST, OPTIONS", true)
+async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    preflight(&state, &headers, "POST, OPTIONS", true)
 }

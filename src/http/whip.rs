@@ -50,7 +50,7 @@ async fn publish_unnamed(
     body: Body,
 ) -> Response {
     let result = publish(&state, None, &uri, &headers, body).await;
-    with_cors(&headers, respond(result))
+    with_cors(&state, &headers, respond(result))
 }
 
 async fn publish_named(
@@ -61,7 +61,7 @@ async fn publish_named(
     body: Body,
 ) -> Response {
     let result = publish(&state, Some(&name), &uri, &headers, body).await;
-    with_cors(&headers, respond(result))
+    with_cors(&state, &headers, respond(result))
 }
 
 /// Checks a WHIP `POST` and starts its stream.
@@ -225,7 +225,7 @@ async fn delete_session(
     } else {
         ended(state.whip.end(&id, Kind::Publish))
     };
-    with_cors(&headers, response)
+    with_cors(&state, &headers, response)
 }
 
 /// `200` when a session was ended, `404` when there was none.
@@ -240,7 +240,7 @@ pub(super) fn ended(found: bool) -> Response {
 /// `PATCH` (trickle ICE, ICE restart): not supported. We are ICE lite and
 /// learn the client's address from its connectivity checks, so a client's
 /// trickled candidates are not needed.
-pub(super) async fn patch_session(headers: HeaderMap) -> Response {
+pub(super) async fn patch_session(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let refusal = Refusal {
         header: Some((header::ALLOW, "DELETE, OPTIONS")),
         ..Refusal::new(
@@ -248,20 +248,28 @@ pub(super) async fn patch_session(headers: HeaderMap) -> Response {
             "trickle ICE and ICE restarts are not supported: the answer carries all our candidates",
         )
     };
-    with_cors(&headers, refusal.into_response())
+    with_cors(&state, &headers, refusal.into_response())
 }
 
 /// `OPTIONS /whip`: CORS preflight, and what `POST` takes.
-async fn preflight_endpoint(headers: HeaderMap) -> Response {
-    preflight(&headers, "POST, OPTIONS", true)
+async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    preflight(&state, &headers, "POST, OPTIONS", true)
 }
 
-pub(super) async fn preflight_session(headers: HeaderMap) -> Response {
-    preflight(&headers, "DELETE, PATCH, OPTIONS", false)
+pub(super) async fn preflight_session(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Response {
+    preflight(&state, &headers, "DELETE, PATCH, OPTIONS", false)
 }
 
 /// `204` with the CORS answer for `methods`.
-pub(super) fn preflight(headers: &HeaderMap, methods: &'static str, accept_post: bool) -> Response {
+pub(super) fn preflight(
+    state: &AppState,
+    headers: &HeaderMap,
+    methods: &'static str,
+    accept_post: bool,
+) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     let h = response.headers_mut();
     h.insert(header::ALLOW, HeaderValue::from_static(methods));
@@ -283,15 +291,18 @@ pub(super) fn preflight(headers: &HeaderMap, methods: &'static str, accept_post:
             HeaderValue::from_static(SDP),
         );
     }
-    with_cors(headers, response)
+    with_cors(state, headers, response)
 }
 
-/// Lets a web page from an allowed origin read the response, including
-/// the headers WHIP and WHEP clients need.
-pub(super) fn with_cors(request: &HeaderMap, mut response: Response) -> Response {
+/// Lets a web page from an allowed origin (`--allowed-origin`, or any)
+/// read the response, including the headers WHIP and WHEP clients need.
+pub(super) fn with_cors(state: &AppState, request: &HeaderMap, mut response: Response) -> Response {
     let Some(origin) = request.get(header::ORIGIN).cloned() else {
         return response;
     };
+    if !state.access.origin_allowed(request) {
+        return response;
+    }
     let h = response.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     h.insert(header::VARY, HeaderValue::from_static("Origin"));

@@ -276,15 +276,6 @@ impl Sessions {
         tracing::debug!(session = %id, peer = session.peer, "WHIP/WHEP session ended");
         true
     }
-
-    /// Live sessions (for tests and metrics).
-    pub fn len(&self) -> usize {
-        lock(&self.table).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A session id: 128 random bits, so a session URL cannot be guessed.

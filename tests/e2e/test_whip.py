@@ -219,3 +219,22 @@ def test_options_patch_and_cors(server: RelayServer) -> None:
         assert (await request("DELETE", session)).status == 200
 
     relay(server, body)
+
+
+@with_args("--allowed-origin", "https://ha.example:8123")
+def test_whip_honours_allowed_origins(server: RelayServer) -> None:
+    async def body(c: Clients) -> None:
+        url = server.http + "/whip"
+        evil = {"Origin": "https://evil.example"}
+        pre = await request("OPTIONS", url, headers=evil)
+        assert "access-control-allow-origin" not in pre.headers, pre.headers
+        refused = await request("POST", url, offer_sdp(["opus"], False), headers=evil)
+        assert refused.status == 403, refused
+        good = {"Origin": "https://ha.example:8123"}
+        made = await request("POST", url, offer_sdp(["opus"], False), headers=good)
+        assert made.status == 201, made
+        assert made.headers.get("access-control-allow-origin") == "https://ha.example:8123", made.headers
+        assert (await request("DELETE", server.http + made.headers["location"], headers=good)).status == 200
+        await c.wait_health(health_idle, 5, "idle after DELETE")
+
+    relay(server, body)
