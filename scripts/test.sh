@@ -33,6 +33,9 @@ for pkg in "${APT_PACKAGES[@]}"; do
     missing+=("$pkg")
   fi
 done
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   missing+=(python3-venv)
 fi
@@ -59,6 +62,18 @@ if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want_hash" ]]; then
   echo "$want_hash" >"$STAMP"
 else
   step "venv up to date ($VENV)"
+fi
+
+# --- 2b. Browser-side clients (npm): the WHIP/WHEP client served to Chromium --
+NODE_DIR="$ROOT/tests/e2e/node"
+NODE_STAMP="$NODE_DIR/node_modules/.lock.sha256"
+want_node="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+if [[ "$(cat "$NODE_STAMP" 2>/dev/null || true)" != "$want_node" ]]; then
+  step "npm ci (tests/e2e/node)"
+  npm ci --prefix "$NODE_DIR" --no-audit --no-fund --ignore-scripts
+  echo "$want_node" >"$NODE_STAMP"
+else
+  step "npm packages up to date (tests/e2e/node)"
 fi
 
 if ((SETUP_ONLY)); then

@@ -21,3 +21,4 @@ pub mod signalling;
 pub mod sync;
 pub mod tls;
 pub mod web;
+pub mod whip;

@@ -110,12 +110,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let state = AppState {
-        signalling,
+        signalling: signalling.clone(),
         max_message_bytes: config.max_message_bytes,
         mp3_wait: Duration::from_millis(config.mp3_wait_ms),
         ca_pem: tls.as_ref().map(|t| Arc::new(t.ca_pem.clone())),
         access: Arc::new(config.access().context("reading --token-file")?),
         trusted_proxies: Arc::new(config.trusted_proxies()),
+        whip: voice_relay::whip::Sessions::new(signalling),
     };
 
     let handle = axum_server::Handle::<SocketAddr>::new();

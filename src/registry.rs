@@ -66,11 +66,26 @@ struct LiveStream {
 struct Streams {
     live: Vec<LiveStream>,
     reserved: usize,
+    /// The ids asked for by the reserved places that have one.
+    reserved_ids: Vec<Arc<str>>,
 }
 
 impl Streams {
     fn find(&self, id: &str) -> Option<&LiveStream> {
         self.live.iter().find(|s| &*s.id == id)
+    }
+
+    /// Whether `id` is live or reserved.
+    fn taken(&self, id: &str) -> bool {
+        self.find(id).is_some() || self.reserved_ids.iter().any(|r| &**r == id)
+    }
+
+    /// Frees one reserved place (and its id, if it had one).
+    fn unreserve(&mut self, id: Option<&Arc<str>>) {
+        self.reserved -= 1;
+        if let Some(id) = id {
+            self.reserved_ids.retain(|r| !Arc::ptr_eq(r, id));
+        }
     }
 }
 
@@ -85,6 +100,8 @@ pub enum Refused {
     ReceiversPerStream(usize),
     #[error("the stream has ended")]
     NoStream,
+    #[error("a stream of that name is already live")]
+    NameTaken,
 }
 
 pub struct Registry {
@@ -135,13 +152,37 @@ impl Registry {
     /// Reserves a place for one more stream, unless `max` streams are live
     /// or reserved. The place is freed when the slot is dropped unpublished.
     pub fn try_reserve_stream(self: &Arc<Self>, max: usize) -> Result<StreamSlot, Refused> {
+        self.reserve_stream(max, None)
+    }
+
+    /// As [`try_reserve_stream`](Self::try_reserve_stream), for a stream
+    /// that must have the id `id`: refused while a stream of that id is
+    /// live or reserved.
+    pub fn try_reserve_named_stream(
+        self: &Arc<Self>,
+        max: usize,
+        id: Arc<str>,
+    ) -> Result<StreamSlot, Refused> {
+        self.reserve_stream(max, Some(id))
+    }
+
+    fn reserve_stream(
+        self: &Arc<Self>,
+        max: usize,
+        id: Option<Arc<str>>,
+    ) -> Result<StreamSlot, Refused> {
         let mut streams = self.lock();
+        if id.as_deref().is_some_and(|id| streams.taken(id)) {
+            return Err(Refused::NameTaken);
+        }
         if streams.live.len() + streams.reserved >= max {
             return Err(Refused::Streams(max));
         }
         streams.reserved += 1;
+        streams.reserved_ids.extend(id.clone());
         Ok(StreamSlot {
             registry: Some(self.clone()),
+            id,
         })
     }
 
@@ -287,6 +328,8 @@ impl Registry {
 pub struct StreamSlot {
     /// `None` once published.
     registry: Option<Arc<Registry>>,
+    /// The id this place is held for, if one was asked for.
+    id: Option<Arc<str>>,
 }
 
 impl StreamSlot {
@@ -297,7 +340,7 @@ impl StreamSlot {
         };
         {
             let mut streams = registry.lock();
-            streams.reserved -= 1;
+            streams.unreserve(self.id.as_ref());
             streams.live.push(LiveStream {
                 id: id.clone(),
                 started: Instant::now(),
@@ -314,7 +357,7 @@ impl StreamSlot {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         if let Some(registry) = &self.registry {
-            registry.lock().reserved -= 1;
+            registry.lock().unreserve(self.id.as_ref());
         }
     }
 }
@@ -468,6 +511,24 @@ mod tests {
         drop(slot);
         assert!(reg.try_reserve_stream(1).is_ok());
         assert!(reg.list().is_empty());
+    }
+
+    #[test]
+    fn a_named_stream_is_refused_while_its_name_is_reserved_or_live() {
+        let reg = Arc::new(Registry::new());
+        let name: Arc<str> = "studio".into();
+        let slot = reg.try_reserve_named_stream(5, name.clone()).expect("room");
+        let again = reg.try_reserve_named_stream(5, name.clone());
+        assert_eq!(again.err(), Some(Refused::NameTaken));
+        slot.publish(name.clone(), outputs(&name));
+        let again = reg.try_reserve_named_stream(5, name.clone());
+        assert_eq!(again.err(), Some(Refused::NameTaken));
+        assert!(reg.end_stream(&name));
+        let slot = reg
+            .try_reserve_named_stream(5, name.clone())
+            .expect("free again");
+        drop(slot);
+        assert!(reg.try_reserve_named_stream(1, name).is_ok(), "place freed");
     }
 
     #[test]

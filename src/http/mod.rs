@@ -1,10 +1,13 @@
 //! HTTP routes: WebSocket upgrade (`/ws` and `/`), `/health`,
-//! `/stream/status`, the live MP3 and Ogg/Opus streams, and the web assets.
-//! On plain-HTTP listeners, live stream requests are taken over earlier, in
-//! the accept hook (`mp3_direct.rs`, which serves both formats); the route
-//! here serves them behind TLS and for `HEAD`.
+//! `/stream/status`, the live MP3 and Ogg/Opus streams, WHIP and WHEP
+//! (`whip.rs`, `whep.rs`), and the web assets. On plain-HTTP listeners, live
+//! stream requests are taken over earlier, in the accept hook
+//! (`mp3_direct.rs`, which serves both formats); the route here serves them
+//! behind TLS and for `HEAD`.
 
 mod mp3_direct;
+mod whep;
+mod whip;
 
 pub use mp3_direct::{Mp3Acceptor, TakenOver};
 
@@ -50,6 +53,8 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// Proxies whose forwarded client address is believed.
     pub trusted_proxies: Arc<TrustedProxies>,
+    /// WHIP and WHEP sessions.
+    pub whip: Arc<crate::whip::Sessions>,
 }
 
 /// Why a request is refused: status, a JSON `error` message, and maybe one
@@ -120,6 +125,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ca.crt", get(ca_cert))
         .route("/metrics", get(prometheus_metrics))
         .merge(web::routes())
+        .merge(whip::routes())
+        .merge(whep::routes())
         .merge(audio_routes())
         .with_state(state)
 }

@@ -150,7 +150,7 @@ pub fn check_sender_offer(offer: &SessionDescription) -> Result<(), String> {
 
 /// Checks that an SDP offer from a sender can be relayed: it must carry an
 /// audio m-line that offers Opus.
-fn check_sender_sdp(sdp: &str) -> Result<(), String> {
+pub fn check_sender_sdp(sdp: &str) -> Result<(), String> {
     let lower = sdp.to_ascii_lowercase();
     if !lower.lines().any(|l| l.starts_with("m=audio")) {
         return Err("the offer has no audio track (m=audio)".into());

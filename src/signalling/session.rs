@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Candidate, Rtc};
 
@@ -117,6 +117,7 @@ impl Session {
             Refused::Receivers(_) => "limit_receivers",
             Refused::ReceiversPerStream(_) => "limit_receivers_per_stream",
             Refused::NoStream => "unknown_stream",
+            Refused::NameTaken => "name_taken",
         };
         self.error(code, why.to_string());
     }
@@ -211,7 +212,7 @@ impl Session {
             Err(why) => return self.refused(why),
         };
         let started = Instant::now();
-        let (rtc, answer) = match self.answer_sender(&offer.sdp) {
+        let (rtc, answer) = match self.ctx.answer_sender(&offer.sdp) {
             Ok(negotiated) => negotiated,
             Err(e) => return self.error("bad_sdp", e),
         };
@@ -230,18 +231,6 @@ impl Session {
         let micros = elapsed.as_micros() as u64;
         tracing::info!(conn = %self.id, stream = %stream, peer, micros, "sender offer answered");
         self.state = State::Sending { stream, peer };
-    }
-
-    /// A sender peer that accepted `offer`, and its SDP answer.
-    fn answer_sender(&self, offer: &str) -> Result<(Rtc, String), String> {
-        let sdp =
-            SdpOffer::from_sdp_string(offer).map_err(|e| format!("invalid SDP offer: {e}"))?;
-        let mut rtc = self.ctx.relay.new_sender_rtc();
-        let answer = rtc
-            .sdp_api()
-            .accept_offer(sdp)
-            .map_err(|e| format!("cannot accept the SDP offer: {e}"))?;
-        Ok((rtc, answer.to_sdp_string()))
     }
 
     /// The live stream a `start_receiving` asks for (`None` or empty: the

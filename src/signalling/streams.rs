@@ -1,4 +1,4 @@
-//! Where a stream starts and ends. A stream lives in two places: the
+//! Where a stream starts and ends (for WebSocket and WHIP senders alike). A stream lives in two places: the
 //! registry lists it (for clients, `/health` and MP3 listeners) and the relay
 //! routes its media. The invariant, kept here and nowhere else: a stream is
 //! listed only once the relay has its sender, and ending it ends it in both
@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use str0m::change::SdpOffer;
 use str0m::Rtc;
 
 use super::Signalling;
@@ -17,7 +18,7 @@ use crate::relay::{Command, PeerEvents, PeerId, RelayError};
 
 /// Why a stream could not start.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum StartError {
+pub(crate) enum StartError {
     #[error("cannot start the MP3 encoder: {0}")]
     Mp3(#[from] Mp3Error),
     #[error("cannot start the Ogg output: {0}")]
@@ -28,7 +29,7 @@ pub(super) enum StartError {
 
 impl StartError {
     /// The `code` of the `error` message the client gets.
-    pub(super) fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             StartError::Mp3(_) | StartError::Ogg(_) => "internal",
             StartError::Relay(_) => "busy",
@@ -37,10 +38,22 @@ impl StartError {
 }
 
 impl Signalling {
+    /// A sender peer that accepted `offer`, and its SDP answer.
+    pub(crate) fn answer_sender(&self, offer: &str) -> Result<(Rtc, String), String> {
+        let sdp =
+            SdpOffer::from_sdp_string(offer).map_err(|e| format!("invalid SDP offer: {e}"))?;
+        let mut rtc = self.relay.new_sender_rtc();
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(sdp)
+            .map_err(|e| format!("cannot accept the SDP offer: {e}"))?;
+        Ok((rtc, answer.to_sdp_string()))
+    }
+
     /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline
     /// and Ogg pager, then the relay, then the listing in the place `slot`
     /// reserved.
-    pub(super) fn start_stream(
+    pub(crate) fn start_stream(
         &self,
         slot: StreamSlot,
         stream: &Arc<str>,
@@ -64,7 +77,7 @@ impl Signalling {
 
     /// Ends `stream` in the registry (everyone hears `stream_ended` once) and
     /// in the relay (its sender and receivers close, its MP3 and Ogg end).
-    pub(super) fn end_stream(&self, stream: &Arc<str>) {
+    pub(crate) fn end_stream(&self, stream: &Arc<str>) {
         self.registry.end_stream(stream);
         let _ = self.relay.send(Command::EndStream {
             stream: stream.clone(),

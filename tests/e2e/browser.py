@@ -37,9 +37,12 @@ def chromium_args(wav: Path) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def static_pages() -> AsyncIterator[str]:
-    """Serve tests/e2e/pages on http://127.0.0.1:<port> (a secure context for getUserMedia)."""
+async def static_pages(extra: dict[str, Path] | None = None) -> AsyncIterator[str]:
+    """Serve tests/e2e/pages on http://127.0.0.1:<port> (a secure context for getUserMedia),
+    and each ``extra`` directory under its URL prefix."""
     app = web.Application()
+    for prefix, directory in (extra or {}).items():
+        app.router.add_static(prefix, directory)
     app.router.add_static("/", PAGES)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -1,0 +1,83 @@
+//! The WHEP (draft-ietf-wish-whep) HTTP endpoints: `POST /whep/{stream_id}`
+//! and `POST /whep/latest` take a player's recvonly offer and answer `201`
+//! with our sendonly answer and the session URL; `DELETE` on that URL ends
+//! the receiver; `PATCH` is `405`; `OPTIONS` answers CORS. The checks and
+//! statuses are WHIP's (`whip.rs`); the sessions are `crate::whip`'s.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{options, post};
+use axum::Router;
+
+use super::whip::{
+    created, ended, patch_session, preflight, preflight_session, read_sdp, refusal, with_cors,
+};
+use super::{unauthorized, AppState, Refusal};
+use crate::whip::{Kind, Started};
+
+/// The WHEP routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/whep/{stream}", post(play).options(preflight_endpoint))
+        .route(
+            "/whep/session/{id}",
+            options(preflight_session)
+                .delete(delete_session)
+                .patch(patch_session),
+        )
+}
+
+async fn play(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match start(&state, &stream, &uri, &headers, body).await {
+        Ok(started) => created(&started, "whep"),
+        Err(refusal) => refusal.into_response(),
+    };
+    with_cors(&state, &headers, response)
+}
+
+/// Checks a WHEP `POST` and adds its receiver.
+async fn start(
+    state: &AppState,
+    stream: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Started, Refusal> {
+    if !state.access.origin_allowed(headers) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "this web origin may not use the relay (see --allowed-origin)",
+        ));
+    }
+    if !state.access.of_request(uri, headers).listen {
+        return Err(unauthorized("WHEP playback"));
+    }
+    let offer = read_sdp(headers, body).await?;
+    state.whip.play(stream, &offer).map_err(refusal)
+}
+
+async fn delete_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let response = if !state.access.of_request(&uri, &headers).listen {
+        unauthorized("WHEP").into_response()
+    } else {
+        ended(state.whip.end(&id, Kind::Play))
+    };
+    with_cors(&state, &headers, response)
+}
+
+async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    preflight(&state, &headers, "POST, OPTIONS", true)
+}
