@@ -58,6 +58,29 @@ def test_ffmpeg_whip_publishes_to_websocket_receivers_and_mp3(server: RelayServe
     relay(server, body, 90)
 
 
+# A WHIP client that vanishes (killed: no DELETE, no DTLS close) ends its
+# stream through the sender idle timeout, as a WebSocket sender's would.
+@with_args("--sender-idle-secs", "3")
+def test_vanished_whip_client_ends_by_idle_timeout(server: RelayServer) -> None:
+    async def body(c: Clients) -> None:
+        watcher = await c.signal("watcher")
+        ff = FfmpegWhip(server.http + "/whip/gone", 440)
+        await ff.start()
+        try:
+            await watcher.expect("stream_available", 15, where=lambda m: m.get("stream_id") == "gone")
+            rx = await c.receiver("gone", name="ws-receiver")
+            await rx.wait_audio(1.0, timeout=15)
+            await ff.vanish()
+        finally:
+            await ff.stop()
+        await ended_once(watcher, "gone", timeout=15)
+        await rx.wait_ended(10)
+        await c.wait_health(health_idle, 5, "idle after the idle timeout")
+        assert "session deleted by its client" not in server.log_text(), "a killed client sent DELETE?"
+
+    relay(server, body, 90)
+
+
 @with_args("--sender-idle-secs", "60")
 def test_delete_ends_the_stream_once_and_counts_return_to_zero(server: RelayServer) -> None:
     async def body(c: Clients) -> None:

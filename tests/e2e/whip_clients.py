@@ -171,6 +171,13 @@ class FfmpegWhip:
             self.stderr += err
         return self.proc.returncode
 
+    async def vanish(self) -> None:
+        """SIGKILL: no DELETE, no DTLS close, as a client that loses power."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            _, err = await self.proc.communicate()
+            self.stderr += err
+
     def log(self, tail: int = 1500) -> str:
         return self.stderr.decode(errors="replace")[-tail:]
 
