@@ -88,3 +88,27 @@ impl Media {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of these per listener, thousands per step: keep it small.
+    #[test]
+    fn listener_parser_stays_small() {
+        assert!(
+            std::mem::size_of::<Media>() <= 96,
+            "{}",
+            std::mem::size_of::<Media>()
+        );
+    }
+
+    #[test]
+    fn each_format_gets_its_parser() {
+        assert!(matches!(Media::new(Format::Mp3), Media::Mp3(_)));
+        let mut ogg = Media::new(Format::Ogg);
+        ogg.feed(b"not a page");
+        assert!(!ogg.clean(), "garbage is a broken Ogg stream");
+        assert_eq!((ogg.frames(), ogg.audio_ns()), (0, 0));
+    }
+}
