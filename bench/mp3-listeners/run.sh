@@ -3,6 +3,7 @@
 # voice-relay, the aiortc tone sender (sender.py) and mp3-listeners-bench.
 #
 #   ./run.sh [tool args...]      e.g. ./run.sh --steps 1000,5000 --measure-secs 20
+#   ./run.sh --format ogg ...    listeners on /stream/latest.ogg instead of .mp3
 #
 # Environment: SERVER (voice-relay binary), PY (python with aiortc), HARNESS
 # (folder with clients.py), PORT (default 18080), NOFILE (fd limit to set,
@@ -81,4 +82,12 @@ done
 grep '^stream_id=' "$OUT/sender.log" >&2
 ss -ltn "sport = :$PORT" >&2 || true   # Send-Q of a LISTEN socket = its accept backlog
 sleep 2  # let the burst ring fill (1 s)
-"$TOOL" --url "http://127.0.0.1:$PORT/stream/latest.mp3" --server-pid "$SP" --sender-pid "$SN" "$@"
+# The URL follows the tool's --format (mp3 unless given).
+EXT=mp3
+prev=""
+for a in "$@"; do
+    case "$a" in --format=*) EXT="${a#--format=}" ;; esac
+    [ "$prev" = --format ] && EXT="$a"
+    prev="$a"
+done
+"$TOOL" --url "http://127.0.0.1:$PORT/stream/latest.$EXT" --server-pid "$SP" --sender-pid "$SN" "$@"

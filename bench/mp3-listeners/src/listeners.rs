@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::http::{self, Chunked, Ev};
-use crate::mp3::Mp3Parser;
+use crate::media::{Format, Media};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -25,7 +25,7 @@ pub enum End {
     Timeout,
     /// Non-200 status.
     Status(u16),
-    /// Unparsable head, or not audio/mpeg.
+    /// Unparsable head, or not the format's Content-Type.
     BadHead,
     /// The server closed the connection (EOF) mid-body.
     Eof,
@@ -49,7 +49,7 @@ pub struct Conn {
     head: Vec<u8>,
     chunked: bool,
     dec: Chunked,
-    pub mp3: Mp3Parser,
+    pub media: Media,
     pub t_start: u64,
     pub t_first_byte: u64,
     pub t_head: u64,
@@ -72,7 +72,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(fd: i32, step: u16, now: u64) -> Self {
+    fn new(fd: i32, step: u16, now: u64, format: Format) -> Self {
         Self {
             fd,
             state: State::Connecting,
@@ -81,7 +81,7 @@ impl Conn {
             head: Vec::new(),
             chunked: false,
             dec: Chunked::default(),
-            mp3: Mp3Parser::default(),
+            media: Media::new(format),
             t_start: now,
             t_first_byte: 0,
             t_head: 0,
@@ -106,14 +106,14 @@ impl Conn {
         self.state != State::Ended
     }
 
-    /// Got a 200 audio/mpeg head.
+    /// Got a 200 head of the format's Content-Type.
     pub fn connected(&self) -> bool {
         self.t_head != 0 && !matches!(self.end, End::Status(_) | End::BadHead)
     }
 
-    /// No bad MP3 header and no HTTP framing error.
+    /// No bad MP3 header or Ogg page, and no HTTP framing error.
     pub fn intact(&self) -> bool {
-        self.mp3.clean() && self.end != End::Framing
+        self.media.clean() && self.end != End::Framing
     }
 
     /// Audio received in the window after its first read, over the time
@@ -131,26 +131,25 @@ impl Conn {
         if self.t_first_byte == 0 || end <= self.t_first_byte {
             return 0.0;
         }
-        (self.mp3.audio_ns.saturating_sub(self.burst_ns)) as f64 / (end - self.t_first_byte) as f64
+        (self.media.audio_ns().saturating_sub(self.burst_ns)) as f64
+            / (end - self.t_first_byte) as f64
     }
 
     /// Feeds body bytes to the decoders. The burst is what the first read
     /// brought (the server writes it at once, as one or several chunks).
     fn body(&mut self, data: &[u8], now: u64) {
         self.body_bytes += data.len() as u64;
-        let before = self.mp3.frames;
+        let before = self.media.frames();
         if self.chunked {
             let Conn {
                 dec,
-                mp3,
+                media,
                 state,
                 end,
                 ..
             } = self;
             let ok = dec.feed(data, |ev| match ev {
-                Ev::Data(d) => {
-                    mp3.feed(d);
-                }
+                Ev::Data(d) => media.feed(d),
                 Ev::ChunkEnd => {}
                 Ev::End => {
                     *state = State::Ended;
@@ -162,14 +161,14 @@ impl Conn {
                 self.state = State::Ended;
             }
         } else {
-            self.mp3.feed(data);
+            self.media.feed(data);
         }
         if !self.burst_known {
             self.burst_known = true;
-            self.burst_ns = self.mp3.audio_ns;
-            self.burst_frames = self.mp3.frames as u32;
+            self.burst_ns = self.media.audio_ns();
+            self.burst_frames = self.media.frames() as u32;
         }
-        if before == 0 && self.mp3.frames > 0 {
+        if before == 0 && self.media.frames() > 0 {
             self.t_first_frame = now;
         }
     }
@@ -197,6 +196,7 @@ pub struct Pool {
     buf: Vec<u8>,
     addr: libc::sockaddr_in,
     request: Vec<u8>,
+    format: Format,
     pub conns: Vec<Conn>,
     /// Connections in Connecting/Head state.
     pub inflight: usize,
@@ -225,7 +225,7 @@ fn errno() -> i32 {
 }
 
 impl Pool {
-    pub fn new(port: u16, host_port: &str, path: &str) -> std::io::Result<Self> {
+    pub fn new(port: u16, host_port: &str, path: &str, format: Format) -> std::io::Result<Self> {
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
             return Err(std::io::Error::last_os_error());
@@ -241,6 +241,7 @@ impl Pool {
             buf: vec![0u8; 256 * 1024],
             addr,
             request: http::request(host_port, path),
+            format,
             conns: Vec::new(),
             inflight: 0,
             errors: LaunchErrors::default(),
@@ -280,7 +281,7 @@ impl Pool {
                 self.fd_exhausted = true;
             }
             self.errors.add(e);
-            let mut c = Conn::new(-1, step, now);
+            let mut c = Conn::new(-1, step, now, self.format);
             c.state = State::Ended;
             c.end = End::Connect(e);
             c.t_end = now;
@@ -305,7 +306,7 @@ impl Pool {
             )
         };
         let idx = self.conns.len();
-        self.conns.push(Conn::new(fd, step, now));
+        self.conns.push(Conn::new(fd, step, now, self.format));
         if rc < 0 && errno() != libc::EINPROGRESS {
             let e = errno();
             self.errors.add(e);
@@ -459,7 +460,10 @@ impl Pool {
                 if let Some(end) = http::head_end(&c.head) {
                     let head = std::mem::take(&mut c.head);
                     match http::parse_head(&head[..end]) {
-                        Some(h) if h.status == 200 && h.content_type.starts_with("audio/mpeg") => {
+                        Some(h)
+                            if h.status == 200
+                                && h.content_type.starts_with(self.format.content_type()) =>
+                        {
                             if self.stream_id.is_none() {
                                 self.stream_id = Some(h.stream_id.clone());
                             }
@@ -498,10 +502,10 @@ impl Pool {
         if c.in_win && c.t_head != 0 {
             if c.win_first == 0 {
                 c.win_first = now;
-                c.win_audio0 = c.mp3.audio_ns;
+                c.win_audio0 = c.media.audio_ns();
             } else {
                 c.win_last = now;
-                c.win_audio = c.mp3.audio_ns - c.win_audio0;
+                c.win_audio = c.media.audio_ns() - c.win_audio0;
             }
         }
         if let Some(end) = head_result {

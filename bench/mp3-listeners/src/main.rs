@@ -1,17 +1,20 @@
 #![recursion_limit = "256"]
-//! mp3-listeners-bench: how many concurrent live-MP3 listeners can a
-//! voice-relay server feed in real time?
+//! mp3-listeners-bench: how many concurrent live-MP3 (or Ogg/Opus) listeners
+//! can a voice-relay server feed in real time?
 //!
-//! For each step N it opens N plain HTTP/1.1 connections to one MP3 URL on
-//! 127.0.0.1 (one epoll thread, tiny per-connection state), parses every MP3
-//! frame header of every body, lets them run for a measurement window and
+//! For each step N it opens N plain HTTP/1.1 connections to one MP3 (or Ogg)
+//! URL on 127.0.0.1 (one epoll thread, tiny per-connection state), parses
+//! every MP3 frame header (or Ogg page header) of every body, lets them run
+//! for a measurement window and
 //! reports connect rate, real-time ratio, gaps, broken streams, time to first
 //! byte/frame, and the server's and its own CPU and memory.
 
 mod ffmpeg;
 mod http;
 mod listeners;
+mod media;
 mod mp3;
+mod ogg;
 mod procstat;
 
 use std::io::{Read, Write};
@@ -22,6 +25,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 
 use listeners::{Conn, End, Pool};
+use media::Format;
 use procstat::CpuMark;
 
 /// Most listeners a step may open.
@@ -40,12 +44,16 @@ enum Mode {
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Load benchmark for voice-relay's live MP3 fan-out (127.0.0.1 only)"
+    about = "Load benchmark for voice-relay's live MP3 and Ogg/Opus fan-out (127.0.0.1 only)"
 )]
 struct Args {
-    /// MP3 URL, e.g. http://127.0.0.1:8080/stream/latest.mp3 (127.0.0.1/localhost only).
+    /// Stream URL, e.g. http://127.0.0.1:8080/stream/latest.mp3 (127.0.0.1/localhost
+    /// only); its path ends in the format's extension (.mp3, .ogg).
     #[arg(long)]
     url: String,
+    /// What the listeners parse: MP3 frames, or Ogg/Opus pages.
+    #[arg(long, value_enum, default_value_t = Format::Mp3)]
+    format: Format,
     /// PID of the server, for its CPU, RSS, threads and fd limit.
     #[arg(long)]
     server_pid: Option<i32>,
@@ -159,10 +167,11 @@ fn get_json(port: u16, path: &str) -> Option<Value> {
     serde_json::from_slice(&body).ok()
 }
 
-/// Sum of /health's mp3_listeners counts.
-fn health_listeners(h: &Value) -> Option<u64> {
+/// Sum of /health's listener counts of one format (`mp3_listeners`,
+/// `ogg_listeners`).
+fn health_listeners(h: &Value, format: Format) -> Option<u64> {
     Some(
-        h.get("mp3_listeners")?
+        h.get(format.health_key())?
             .as_object()?
             .values()
             .filter_map(Value::as_u64)
@@ -305,6 +314,14 @@ fn main() {
 fn run(args: Args) -> Result<(), String> {
     let run_start = Instant::now();
     let target = parse_url(&args.url)?;
+    let format = args.format;
+    if !target.path.ends_with(format.extension()) {
+        return Err(format!(
+            "{}: --format {format:?} wants a path ending in {}",
+            args.url,
+            format.extension()
+        ));
+    }
     if args.steps.is_empty() || args.steps.len() > MAX_STEPS {
         return Err(format!("give 1..={MAX_STEPS} steps"));
     }
@@ -387,7 +404,7 @@ fn run(args: Args) -> Result<(), String> {
         Value::Null
     };
 
-    let mut pool = Pool::new(target.port, &target.host_port, &target.path)
+    let mut pool = Pool::new(target.port, &target.host_port, &target.path, format)
         .map_err(|e| format!("epoll: {e}"))?;
     let mut results: Vec<Value> = Vec::new();
     let mut rows: Vec<String> = Vec::new();
@@ -537,7 +554,7 @@ fn run(args: Args) -> Result<(), String> {
             health_thread.is_finished() && ff_thread.as_ref().is_none_or(|t| t.is_finished())
         });
         let (health, health_latency) = health_thread.join().unwrap_or((None, Duration::ZERO));
-        let health_count = health.as_ref().and_then(health_listeners);
+        let health_count = health.as_ref().and_then(|h| health_listeners(h, format));
         let ff = match ff_thread {
             Some(t) if t.is_finished() => ffmpeg_summary(&t.join().unwrap_or_default()),
             Some(_) => json!("did not finish"),
@@ -576,10 +593,14 @@ fn run(args: Args) -> Result<(), String> {
                 None => ended.push((name, 1)),
             }
         }
-        let win_bytes: f64 = members
-            .iter()
-            .map(|c| c.win_audio as f64 / 24e6 * 384.0)
-            .sum::<f64>();
+        // MP3 only: 128 kbit/s CBR, 384 bytes per 24 ms frame.
+        let win_mb_per_s = (format == Format::Mp3).then(|| {
+            let bytes: f64 = members
+                .iter()
+                .map(|c| c.win_audio as f64 / 24e6 * 384.0)
+                .sum();
+            r1(bytes / wall_s / 1e6)
+        });
         let rss_kb = server_now.get("rss_kb").and_then(Value::as_u64);
         let per_listener_kb = match (rss_kb, baseline.rss_kb) {
             (Some(a), Some(b)) if alive_end > 0 => Some((a as f64 - b as f64) / alive_end as f64),
@@ -591,7 +612,7 @@ fn run(args: Args) -> Result<(), String> {
             }
             _ => None,
         };
-        let frames_total: u64 = members.iter().map(|c| c.mp3.frames).sum();
+        let frames_total: u64 = members.iter().map(|c| c.media.frames()).sum();
         let bytes_total: u64 = members.iter().map(|c| c.body_bytes).sum();
 
         let row = json!({
@@ -616,7 +637,7 @@ fn run(args: Args) -> Result<(), String> {
             "ttfb_ms": {"p50": jnum(r1(pct(&mut ttfb, 0.5))), "p99": jnum(r1(pct(&mut ttfb, 0.99))), "max": jnum(r1(pct(&mut ttfb, 1.0)))},
             "ttff_ms": {"p50": jnum(r1(pct(&mut ttff, 0.5))), "p99": jnum(r1(pct(&mut ttff, 0.99))), "max": jnum(r1(pct(&mut ttff, 1.0)))},
             "burst_ms_p50": jnum(r1(pct(&mut burst, 0.5))),
-            "window_audio_mb_per_s": r1(win_bytes / wall_s / 1e6),
+            "window_audio_mb_per_s": win_mb_per_s,
             "frames_total": frames_total,
             "body_bytes_total": bytes_total,
             "server_cpu_pct_connect": srv_cpu_connect.map(r1),
@@ -679,7 +700,7 @@ fn run(args: Args) -> Result<(), String> {
             while Instant::now() < until {
                 if get_json(target.port, "/health")
                     .as_ref()
-                    .and_then(health_listeners)
+                    .and_then(|h| health_listeners(h, format))
                     == Some(0)
                 {
                     break;
@@ -691,7 +712,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     pool.close_all();
 
-    println!("\nmode: {:?} | window {} s | clean = alive, no bad frame, window real-time ratio >= {}, max gap <= {} ms | CPU % of one core ({} cores) | CPU and gaps over the window\n",
+    println!("\nformat: {format:?} | mode: {:?} | window {} s | clean = alive, no bad frame/page, window real-time ratio >= {}, max gap <= {} ms | CPU % of one core ({} cores) | CPU and gaps over the window\n",
         args.mode, args.measure_secs, args.clean_ratio, args.clean_gap_ms, procstat::cores());
     println!("| N | connected | conn/s | alive | clean | RT min / p50 | gap p99 / max ms | broken | TTFB p50 / p99 ms | TTF-frame p50 / p99 ms | srv CPU % conn / win | sender CPU % | machine busy / softirq / other procs % | all-silent ms | srv RSS MB | srv KB/listener | tool CPU % | tool RSS MB | ffmpeg TTFA min / med ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -704,6 +725,7 @@ fn run(args: Args) -> Result<(), String> {
     let summary = json!({
         "tool": "mp3-listeners-bench",
         "url": args.url,
+        "format": format!("{format:?}").to_lowercase(),
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "measure_secs": args.measure_secs,
         "settle_secs": settle,
