@@ -97,6 +97,14 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// A browser page from an origin `--allowed-origin` does not list.
+fn forbidden_origin() -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "this web origin may not use the relay (see --allowed-origin)",
+    )
+}
+
 fn unauthorized(what: &str) -> Refusal {
     metrics()
         .limit_hits
@@ -386,11 +394,7 @@ fn upgrade_ws(
     if !state.access.origin_allowed(headers) {
         tracing::info!(%ip, "WebSocket refused: origin not allowed");
         metrics().limit_hits.with_label_values(&["origin"]).inc();
-        return Refusal::new(
-            StatusCode::FORBIDDEN,
-            "this web origin may not use the relay (see --allowed-origin)",
-        )
-        .into_response();
+        return forbidden_origin().into_response();
     }
     let allowed = state.access.of_request(uri, headers);
     if !allowed.any() {

@@ -6,15 +6,16 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{options, post};
 use axum::Router;
 
 use super::whip::{
-    created, ended, patch_session, preflight, preflight_session, read_sdp, refusal, with_cors,
+    check_post, created, delete, patch_session, preflight, preflight_session, read_sdp, refusal,
+    with_cors,
 };
-use super::{unauthorized, AppState, Refusal};
+use super::{AppState, Refusal};
 use crate::whip::{Kind, Started};
 
 /// The WHEP routes.
@@ -51,15 +52,7 @@ async fn start(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Started, Refusal> {
-    if !state.access.origin_allowed(headers) {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "this web origin may not use the relay (see --allowed-origin)",
-        ));
-    }
-    if !state.access.of_request(uri, headers).listen {
-        return Err(unauthorized("WHEP playback"));
-    }
+    check_post(state, uri, headers, Kind::Play)?;
     let offer = read_sdp(headers, body).await?;
     state.whip.play(stream, &offer).map_err(refusal)
 }
@@ -70,12 +63,7 @@ async fn delete_session(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let response = if !state.access.of_request(&uri, &headers).listen {
-        unauthorized("WHEP").into_response()
-    } else {
-        ended(state.whip.end(&id, Kind::Play))
-    };
-    with_cors(&state, &headers, response)
+    delete(&state, &id, &uri, &headers, Kind::Play)
 }
 
 async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {

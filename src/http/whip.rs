@@ -13,7 +13,7 @@ use axum::routing::{options, post};
 use axum::Router;
 use futures_util::StreamExt;
 
-use super::{unauthorized, AppState, Refusal};
+use super::{forbidden_origin, unauthorized, AppState, Refusal};
 use crate::metrics::metrics;
 use crate::registry::Refused;
 use crate::whip::{Kind, SessionError, Started};
@@ -72,15 +72,7 @@ async fn publish(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Started, Refusal> {
-    if !state.access.origin_allowed(headers) {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "this web origin may not use the relay (see --allowed-origin)",
-        ));
-    }
-    if !state.access.of_request(uri, headers).send {
-        return Err(unauthorized("WHIP publishing"));
-    }
+    check_post(state, uri, headers, Kind::Publish)?;
     let offer = read_sdp(headers, body).await?;
     let started = std::time::Instant::now();
     let result = state.whip.publish(name, &offer);
@@ -88,6 +80,56 @@ async fn publish(
         .offer_answer_seconds
         .observe(started.elapsed().as_secs_f64());
     result.map_err(refusal)
+}
+
+/// Whether the presented token lets a client do what a session of `kind` does.
+fn permitted(state: &AppState, uri: &Uri, headers: &HeaderMap, kind: Kind) -> bool {
+    let may = state.access.of_request(uri, headers);
+    match kind {
+        Kind::Publish => may.send,
+        Kind::Play => may.listen,
+    }
+}
+
+/// The checks before a WHIP or WHEP `POST` is read: the web origin, then the
+/// token.
+pub(super) fn check_post(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    kind: Kind,
+) -> Result<(), Refusal> {
+    if !state.access.origin_allowed(headers) {
+        return Err(forbidden_origin());
+    }
+    if !permitted(state, uri, headers, kind) {
+        return Err(unauthorized(match kind {
+            Kind::Publish => "WHIP publishing",
+            Kind::Play => "WHEP playback",
+        }));
+    }
+    Ok(())
+}
+
+/// `DELETE` of a WHIP or WHEP session, by a client with the token its kind
+/// needs.
+pub(super) fn delete(
+    state: &AppState,
+    id: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    kind: Kind,
+) -> Response {
+    let response = if !permitted(state, uri, headers, kind) {
+        unauthorized(match kind {
+            Kind::Publish => "WHIP",
+            Kind::Play => "WHEP",
+        })
+        .into_response()
+    } else {
+        ended(state.whip.end(id, kind))
+    };
+    with_cors(state, headers, response)
 }
 
 /// The body of a `POST`, if it is an SDP of a size we take.
@@ -220,12 +262,7 @@ async fn delete_session(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let response = if !state.access.of_request(&uri, &headers).send {
-        unauthorized("WHIP").into_response()
-    } else {
-        ended(state.whip.end(&id, Kind::Publish))
-    };
-    with_cors(&state, &headers, response)
+    delete(&state, &id, &uri, &headers, Kind::Publish)
 }
 
 /// `200` when a session was ended, `404` when there was none.

@@ -48,70 +48,35 @@ def m_lines(sdp: str) -> list[str]:
     return [ln.strip() for ln in sdp.splitlines() if ln.startswith("m=")]
 
 
-class WhipPublisher:
-    """An aiortc sender that publishes a tone over WHIP."""
+class _OfferingPeer:
+    """An aiortc peer that offers over HTTP (WHIP or WHEP): POST the offer,
+    take the answer and the session URL, DELETE that URL to end."""
 
-    def __init__(self, base: str, path: str = "/whip", freq: float = 440.0, token: str | None = None):
+    role = "peer"
+
+    def __init__(self, base: str, path: str, token: str | None):
         self.base = base
         self.url = base + path
         self.token = token
         self.pc = RTCPeerConnection(rtc_config())
-        self.pc.addTransceiver(ToneTrack(freq, amplitude=0.3), direction="sendonly")
-        self.location: str | None = None
-        self.stream_id: str | None = None
-        self.reply: Reply | None = None
-
-    async def start(self, timeout: float = 10.0) -> Reply:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        reply = await request("POST", self.url, self.pc.localDescription.sdp, token=self.token)
-        self.reply = reply
-        assert reply.status == 201, f"WHIP POST -> {reply.status}: {reply.text[:300]}"
-        self.location = reply.headers["location"]
-        self.stream_id = reply.headers.get("x-stream-id")
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
-        await wait_pc_state(self.pc, "connected", timeout, "WHIP publisher")
-        return reply
-
-    async def delete(self) -> Reply:
-        assert self.location is not None
-        return await request("DELETE", self.base + self.location, token=self.token)
-
-    async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self.pc.close(), 5)
-        except Exception:
-            pass
-
-
-class WhepPlayer:
-    """An aiortc player that offers recvonly audio over WHEP."""
-
-    def __init__(self, base: str, path: str, token: str | None = None):
-        self.base = base
-        self.url = base + path
-        self.token = token
-        self.pc = RTCPeerConnection(rtc_config())
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.sink = AudioSink("WHEP player")
         self.location: str | None = None
         self.reply: Reply | None = None
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                self.sink.attach(track)
 
     async def start(self, timeout: float = 10.0, expect: int = 201) -> Reply:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         reply = await request("POST", self.url, self.pc.localDescription.sdp, token=self.token)
         self.reply = reply
-        assert reply.status == expect, f"WHEP POST -> {reply.status} (want {expect}): {reply.text[:300]}"
+        assert reply.status == expect, f"{self.role} POST -> {reply.status} (want {expect}): {reply.text[:300]}"
         if expect != 201:
             return reply
         self.location = reply.headers["location"]
+        self.answered(reply)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
-        await wait_pc_state(self.pc, "connected", timeout, "WHEP player")
+        await wait_pc_state(self.pc, "connected", timeout, self.role)
         return reply
+
+    def answered(self, reply: Reply) -> None:
+        """Hook: what a subclass keeps from a 201."""
 
     async def delete(self) -> Reply:
         assert self.location is not None
@@ -122,6 +87,36 @@ class WhepPlayer:
             await asyncio.wait_for(self.pc.close(), 5)
         except Exception:
             pass
+
+
+class WhipPublisher(_OfferingPeer):
+    """An aiortc sender that publishes a tone over WHIP."""
+
+    role = "WHIP publisher"
+
+    def __init__(self, base: str, path: str = "/whip", freq: float = 440.0, token: str | None = None):
+        super().__init__(base, path, token)
+        self.pc.addTransceiver(ToneTrack(freq, amplitude=0.3), direction="sendonly")
+        self.stream_id: str | None = None
+
+    def answered(self, reply: Reply) -> None:
+        self.stream_id = reply.headers.get("x-stream-id")
+
+
+class WhepPlayer(_OfferingPeer):
+    """An aiortc player that offers recvonly audio over WHEP."""
+
+    role = "WHEP player"
+
+    def __init__(self, base: str, path: str, token: str | None = None):
+        super().__init__(base, path, token)
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.sink = AudioSink("WHEP player")
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self.sink.attach(track)
 
 
 def ffmpeg_exe() -> str:
