@@ -44,6 +44,15 @@
     };
   }
 
+  /**
+   * The STUN/TURN servers a server message hands out (ice_servers in
+   * sender_ready and webrtc_offer, from the relay's --ice-server); none when
+   * the field is absent, as from older servers.
+   */
+  function iceServersOf(msg) {
+    return Array.isArray(msg && msg.ice_servers) ? msg.ice_servers : [];
+  }
+
   function pageIsSecure() {
     return typeof location !== "undefined" && location.protocol === "https:";
   }
@@ -591,7 +600,7 @@
       if (msg.type === "sender_ready") {
         if (!this._wanted || this._pc) return;
         if (msg.stream_id) this._streamId = msg.stream_id;
-        await this._offer();
+        await this._offer(iceServersOf(msg));
       } else if (msg.type === "webrtc_answer") {
         if (this._pc && this._pc.signalingState === "have-local-offer") {
           await this._pc.setRemoteDescription(msg.answer);
@@ -610,9 +619,9 @@
       }
     }
 
-    async _offer() {
+    async _offer(iceServers) {
       const track = this._mic.getAudioTracks()[0];
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection({ iceServers });
       this._pc = pc;
       pc.addTransceiver(track, { direction: "sendonly", streams: [this._mic] });
       pc.onconnectionstatechange = () => {
@@ -882,7 +891,7 @@
           break;
         }
         case "webrtc_offer":
-          await this._accept(msg.offer);
+          await this._accept(msg.offer, iceServersOf(msg));
           break;
         case "error":
           this._note(`Server: ${msg.message || "error"}`, true);
@@ -948,13 +957,13 @@
       else if (n && n !== this._current) this.listen(n);
     }
 
-    async _accept(offer) {
+    async _accept(offer, iceServers) {
       const id = this._awaiting;
       if (!id) return; // nobody asked
       this._offers += 1;
       clearTimeout(this._offerTimer);
       this._closePc();
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection({ iceServers });
       this._pc = pc;
       pc.ontrack = (ev) => {
         const stream = ev.streams[0] || new MediaStream([ev.track]);
