@@ -53,6 +53,12 @@
     return Array.isArray(msg && msg.ice_servers) ? msg.ice_servers : [];
   }
 
+  /** The STUN/TURN server URLs a peer connection was configured with (for debugState). */
+  function iceServerUrls(pc) {
+    if (!pc) return [];
+    return pc.getConfiguration().iceServers.flatMap((s) => (Array.isArray(s.urls) ? s.urls : [s.urls]));
+  }
+
   function pageIsSecure() {
     return typeof location !== "undefined" && location.protocol === "https:";
   }
@@ -687,6 +693,7 @@
         streamUrl: this.streamUrl,
         socket: this._sig ? this._sig.state : "closed",
         pcState: this._pc ? this._pc.connectionState : null,
+        iceServers: iceServerUrls(this._pc),
         micLevel: this.micLevel(),
         serviceCalls: this._serviceCalls,
         message: this._msg ? this._msg.textContent : "",
@@ -1114,6 +1121,7 @@
         current: this._current,
         awaiting: this._awaiting,
         pcState: this._pc ? this._pc.connectionState : null,
+        iceServers: iceServerUrls(this._pc),
         offers: this._offers,
         blocked: this._blocked,
         frequency: this.listenFrequency(),

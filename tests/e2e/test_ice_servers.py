@@ -24,16 +24,18 @@ import re
 import socket
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
 import aiohttp
 import pytest
 
-from browser import chromium
+from browser import chromium, static_pages
 from clients import Clients, assert_tone, run, sine_wav_bytes
 from conftest import _finish, _start
 from relay_server import RelayServer, free_port, server_binary
+from test_cards import Bench, card_source
 from test_web_page import open_page, page_site, wait_heard, DESKTOP
 from whip_clients import offer_sdp, request
 
@@ -211,6 +213,40 @@ def test_chromium_cannot_relay_with_a_wrong_rest_secret(tmp_path: Path, wav440: 
         spec = f"turn:127.0.0.1:{turn.port}?transport=tcp;secret=not-the-secret"
         with relay_server(tmp_path, ["--ice-server", spec]) as server:
             run(body(server), 60)
+
+
+def test_our_cards_configure_their_peers_with_the_servers(tmp_path: Path, tone_wav) -> None:  # noqa: ANN001
+    """The cards we serve put ice_servers into their peer connections: each
+    one allocates a relay on coturn (the browser gathers TURN candidates even
+    where host candidates win) and the auto_play card still hears the tone."""
+    wav, freq = tone_wav
+
+    async def body(server: RelayServer, turn: Coturn) -> None:
+        async with card_source(server) as cards_js, static_pages() as base, chromium(wav) as browser:
+            page = await (await browser.new_context()).new_page()
+            bench = Bench(page)
+            query = urllib.parse.urlencode({"cards": cards_js, "server": f"127.0.0.1:{server.port}",
+                                            "stream_url": f"{server.http}/stream/latest.mp3"})
+            await page.goto(f"{base}/cards_test.html?{query}", timeout=15000)
+            await bench.wait("cardsTest.loaded", 10, "the cards to load")
+            await bench.wait("cardsTest.auto.debugState().status === 'connected'", 10, "auto card connected")
+            await page.click("#send >> button.talk", timeout=5000)
+            await bench.wait("cardsTest.send.debugState().status === 'streaming'", 15, "the sending card live")
+            sid = await bench.wait("cardsTest.send.debugState().streamId", 5, "a stream id")
+            await bench.wait(f"cardsTest.auto.debugState().current === '{sid}'", 15, "auto card receiving")
+            await bench.wait_heard("auto", freq)
+            st = await bench.debug()
+            url = f"turn:127.0.0.1:{turn.port}?transport=tcp"
+            assert st["send"]["iceServers"] == [url] and st["auto"]["iceServers"] == [url], st
+            assert not bench.page_errors, bench.page_errors
+
+    with coturn(tmp_path, ["--use-auth-secret", f"--static-auth-secret={REST_SECRET}"]) as turn:
+        spec = f"turn:127.0.0.1:{turn.port}?transport=tcp;secret={REST_SECRET}"
+        with relay_server(tmp_path, ["--ice-server", spec]) as server:
+            run(body(server, turn), 90)
+        log = turn.log_text()
+        allocated = set(re.findall(r"user <(\d+:vr[0-9a-f]{12})>: incoming packet ALLOCATE processed, success", log))
+        assert len(allocated) >= 2, f"want relays for the sending and the receiving card: {allocated}\n{log}"
 
 
 # --- what clients are handed (no browser) -------------------------------------
