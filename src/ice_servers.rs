@@ -426,6 +426,14 @@ mod tests {
         spec.parse()
     }
 
+    /// Each spec is refused with a message that contains its reason.
+    fn assert_rejected(cases: &[(&str, &str)]) {
+        for (spec, why) in cases {
+            let e = parse(spec).expect_err(spec);
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+    }
+
     #[test]
     fn accepts_stun_and_turn_uris() {
         for ok in [
@@ -460,10 +468,7 @@ mod tests {
             ("stun:[::1", "unclosed"),
             ("stun:exa_mple.net", "not a host name"),
         ];
-        for (spec, why) in cases {
-            let e = parse(spec).expect_err(spec);
-            assert!(e.contains(why), "{spec}: {e}");
-        }
+        assert_rejected(&cases);
     }
 
     #[test]
@@ -487,10 +492,7 @@ mod tests {
             ),
             ("turn:h;secret-file=/nonexistent/secret", "cannot read"),
         ];
-        for (spec, why) in cases {
-            let e = parse(spec).expect_err(spec);
-            assert!(e.contains(why), "{spec}: {e}");
-        }
+        assert_rejected(&cases);
     }
 
     #[test]

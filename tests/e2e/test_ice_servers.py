@@ -24,7 +24,6 @@ import re
 import socket
 import subprocess
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
@@ -35,7 +34,7 @@ from browser import chromium, static_pages
 from clients import Clients, assert_tone, run, sine_wav_bytes
 from conftest import _finish, _start
 from relay_server import RelayServer, free_port, server_binary
-from test_cards import Bench, card_source
+from test_cards import card_source, open_cards
 from test_web_page import open_page, page_site, wait_heard, DESKTOP
 from whip_clients import offer_sdp, request
 
@@ -223,14 +222,10 @@ def test_our_cards_configure_their_peers_with_the_servers(tmp_path: Path, tone_w
 
     async def body(server: RelayServer, turn: Coturn) -> None:
         async with card_source(server) as cards_js, static_pages() as base, chromium(wav) as browser:
-            page = await (await browser.new_context()).new_page()
-            bench = Bench(page)
-            query = urllib.parse.urlencode({"cards": cards_js, "server": f"127.0.0.1:{server.port}",
-                                            "stream_url": f"{server.http}/stream/latest.mp3"})
-            await page.goto(f"{base}/cards_test.html?{query}", timeout=15000)
-            await bench.wait("cardsTest.loaded", 10, "the cards to load")
+            bench = await open_cards(browser, base, cards_js, f"127.0.0.1:{server.port}",
+                                     f"{server.http}/stream/latest.mp3")
             await bench.wait("cardsTest.auto.debugState().status === 'connected'", 10, "auto card connected")
-            await page.click("#send >> button.talk", timeout=5000)
+            await bench.page.click("#send >> button.talk", timeout=5000)
             await bench.wait("cardsTest.send.debugState().status === 'streaming'", 15, "the sending card live")
             sid = await bench.wait("cardsTest.send.debugState().streamId", 5, "a stream id")
             await bench.wait(f"cardsTest.auto.debugState().current === '{sid}'", 15, "auto card receiving")
