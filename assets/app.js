@@ -1051,6 +1051,14 @@ window.voiceRelay = {
     const pc = name === "send" ? sender.pc : listener.pc;
     return pc ? selectedPair(pc) : null;
   },
+  /** ICE gathering of "send" or "listen": its state and the types of the candidates in our SDP. */
+  gathering(name) {
+    const pc = name === "send" ? sender.pc : listener.pc;
+    if (!pc) return null;
+    const sdp = pc.localDescription ? pc.localDescription.sdp : "";
+    const types = [...sdp.matchAll(/^a=candidate:.* typ (\w+)/gm)].map((m) => m[1]);
+    return { state: pc.iceGatheringState, types };
+  },
   /** The RTCPeerConnection configuration of "send" or "listen" (credentials included: tests only). */
   configuration(name) {
     const pc = name === "send" ? sender.pc : listener.pc;

@@ -397,6 +397,24 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_ice_server_is_named_by_its_uri_not_its_credential() {
+        let c = parse(&[
+            "--ice-server",
+            "stun:h",
+            "--ice-server",
+            "turn:h:0;username=u;credential=hunter2",
+        ]);
+        let e = c.ice_servers().expect_err("port 0");
+        assert!(e.starts_with("--ice-server turn:h:0: bad port"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let c = parse(&["--ice-server", "stun:h,turn:h?transport=tcp;secret=s"]);
+        assert_eq!(
+            c.ice_servers().expect("valid").uris(),
+            ["stun:h", "turn:h?transport=tcp"]
+        );
+    }
+
+    #[test]
     fn loopback_listen_announces_loopback() {
         let c = parse(&["--listen", "127.0.0.1:9000"]);
         assert_eq!(
