@@ -133,7 +133,7 @@ fn client_id() -> String {
 
 /// The TURN REST password for `username`: base64(HMAC-SHA1(secret, username)),
 /// what coturn computes with `use-auth-secret`.
-pub fn rest_credential(secret: &str, username: &str) -> String {
+fn rest_credential(secret: &str, username: &str) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
     let tag = hmac::sign(&key, username.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
