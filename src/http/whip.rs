@@ -1,9 +1,10 @@
 //! The WHIP (RFC 9725) HTTP endpoints: `POST /whip` and `/whip/{name}`
 //! take an SDP offer and answer `201` with our SDP answer, the session URL
 //! and the `ice-server` `Link`s of `--ice-server`; `DELETE` on that URL ends
-//! the stream; `PATCH` (trickle ICE) is `405`; `OPTIONS` answers CORS. Checks (origin, token, content type, size) and
-//! the mapping of session errors onto HTTP statuses are here; the sessions
-//! themselves are `crate::whip`'s.
+//! the stream; `PATCH` (trickle ICE) is `405`; `OPTIONS` answers CORS.
+//! Checks (origin, token, content type, size) and the mapping of session
+//! errors onto HTTP statuses are here; the sessions themselves are
+//! `crate::whip`'s.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
