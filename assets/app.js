@@ -6,6 +6,10 @@
 //
 // Query parameters:
 //   ?server=host[:port][/path]   signalling server (default: this page's host, path /ws)
+//   ?token=T                     passed on to the server (WebSocket, MP3 links)
+//   ?relay=1                     send and receive only through the TURN servers the
+//                                relay hands out (iceTransportPolicy "relay"): to test
+//                                a TURN setup, or to hide this device's addresses
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30000;
@@ -62,6 +66,50 @@ const endpoints = (() => {
   return { ws: withToken(e.ws), http: e.http };
 })();
 const mp3Url = (id) => withToken(`${endpoints.http}/stream/${encodeURIComponent(id)}.mp3`);
+
+// ---------------------------------------------------------------------------
+// Peer connection configuration
+// ---------------------------------------------------------------------------
+
+const forceRelay = params.get("relay") === "1";
+
+/**
+ * The RTCPeerConnection configuration for a server message: its ice_servers
+ * (STUN/TURN servers from --ice-server, with fresh credentials; absent when the
+ * server has none), and iceTransportPolicy "relay" with ?relay=1.
+ */
+function rtcConfiguration(msg) {
+  const iceServers = Array.isArray(msg && msg.ice_servers) ? msg.ice_servers : [];
+  return forceRelay ? { iceServers, iceTransportPolicy: "relay" } : { iceServers };
+}
+
+/** Records why a STUN/TURN server could not be used (e.g. 401: wrong credentials). */
+function watchIceErrors(pc, who) {
+  pc.addEventListener("icecandidateerror", (e) => {
+    reportError(`${who}: ICE server ${e.url || "?"}: ${e.errorCode} ${e.errorText || ""}`.trim());
+  });
+}
+
+/** The selected candidate pair of a peer connection, from getStats(). */
+async function selectedPair(pc) {
+  const stats = await pc.getStats();
+  let pair = null;
+  stats.forEach((r) => {
+    if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+  });
+  if (!pair) {
+    stats.forEach((r) => {
+      if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") pair = r;
+    });
+  }
+  if (!pair) return null;
+  const local = stats.get(pair.localCandidateId) || {};
+  const remote = stats.get(pair.remoteCandidateId) || {};
+  return {
+    local: { type: local.candidateType, protocol: local.protocol, relayProtocol: local.relayProtocol, url: local.url },
+    remote: { type: remote.candidateType, protocol: remote.protocol },
+  };
+}
 
 // ---------------------------------------------------------------------------
 // SDP: prefer Opus with in-band FEC
@@ -455,7 +503,7 @@ async function onSenderMessage(msg) {
     case "sender_ready": {
       if (!sender.wanted || state.send !== "waiting-ready") return;
       if (msg.stream_id) showStreamInfo(msg.stream_id);
-      await sendOffer();
+      await sendOffer(rtcConfiguration(msg));
       break;
     }
     case "webrtc_answer": {
@@ -492,10 +540,11 @@ async function onSenderMessage(msg) {
   }
 }
 
-async function sendOffer() {
+async function sendOffer(configuration) {
   const track = sender.mic.getAudioTracks()[0];
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const pc = new RTCPeerConnection(configuration);
   sender.pc = pc;
+  watchIceErrors(pc, "sender");
   pc.addTransceiver(track, { direction: "sendonly", streams: [sender.mic] });
   pc.onconnectionstatechange = () => {
     if (sender.pc !== pc) return;
@@ -641,7 +690,7 @@ async function onListenerMessage(msg) {
       onStreamEnded(msg.stream_id);
       break;
     case "webrtc_offer":
-      await acceptOffer(msg.offer);
+      await acceptOffer(msg.offer, rtcConfiguration(msg));
       break;
     case "error":
       reportError(`server (listener): ${msg.message}`);
@@ -696,7 +745,7 @@ function takeNext() {
   else if (n === null) stopListening({ send: true });
 }
 
-async function acceptOffer(offer) {
+async function acceptOffer(offer, configuration) {
   const id = listener.awaiting;
   if (!id) {
     reportError("unexpected webrtc_offer ignored");
@@ -704,8 +753,9 @@ async function acceptOffer(offer) {
   }
   clearTimeout(listener.offerTimer);
   closeListenerPc();
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const pc = new RTCPeerConnection(configuration);
   listener.pc = pc;
+  watchIceErrors(pc, "listener");
   pc.ontrack = (ev) => {
     const stream = ev.streams[0] || new MediaStream([ev.track]);
     el.player.srcObject = stream;
@@ -996,6 +1046,24 @@ window.voiceRelay = {
   listenLevel: () => (listener.probe && state.listeningTo ? listener.probe.level() : 0),
   micFrequency: () => (sender.probe ? sender.probe.frequency() : null),
   micLevel: () => (sender.probe ? sender.probe.level() : 0),
+  /** The selected candidate pair of "send" or "listen" (local/remote type, protocol, relayProtocol). */
+  async selectedPair(name) {
+    const pc = name === "send" ? sender.pc : listener.pc;
+    return pc ? selectedPair(pc) : null;
+  },
+  /** ICE gathering of "send" or "listen": its state and the types of the candidates in our SDP. */
+  gathering(name) {
+    const pc = name === "send" ? sender.pc : listener.pc;
+    if (!pc) return null;
+    const sdp = pc.localDescription ? pc.localDescription.sdp : "";
+    const types = [...sdp.matchAll(/^a=candidate:.* typ (\w+)/gm)].map((m) => m[1]);
+    return { state: pc.iceGatheringState, types };
+  },
+  /** The RTCPeerConnection configuration of "send" or "listen" (credentials included: tests only). */
+  configuration(name) {
+    const pc = name === "send" ? sender.pc : listener.pc;
+    return pc ? pc.getConfiguration() : null;
+  },
   async stats() {
     const out = {};
     for (const [name, pc] of [["send", sender.pc], ["listen", listener.pc]]) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::Access;
+use crate::ice_servers::{IceServer, IceServers};
 use crate::proxy::{ProxyNet, TrustedProxies};
 
 /// The values of `--log-level`.
@@ -167,6 +168,29 @@ pub struct Config {
     )]
     pub trusted_proxy: Vec<ProxyNet>,
 
+    /// A STUN or TURN server handed to clients (repeatable; comma separated
+    /// in the environment variable): `URI[;key=value]...`, the URI
+    /// `stun:HOST[:PORT]`, `turn:HOST[:PORT][?transport=udp|tcp]` or
+    /// `turns:...` (RFC 7064/7065); for TURN either `username=U;credential=P`
+    /// (or `credential-file=F`, `credential-env=VAR`) or a TURN REST shared
+    /// secret `secret=S` (or `secret-file=F`, `secret-env=VAR`) from which
+    /// each client gets its own short-lived credential. Values are
+    /// percent-decoded (write `;` `,` `%` as %3B %2C %25).
+    #[arg(
+        long = "ice-server",
+        env = "VOICE_RELAY_ICE_SERVER",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "SPEC"
+    )]
+    pub ice_server: Vec<String>,
+
+    /// Lifetime in seconds of the TURN REST credentials handed to clients
+    /// (a TURN server refuses them, refreshes of a relay included, once expired).
+    #[arg(long, env = "VOICE_RELAY_ICE_CREDENTIAL_TTL", default_value_t = 86400,
+          value_parser = clap::value_parser!(u64).range(60..=30 * 86400))]
+    pub ice_credential_ttl: u64,
+
     /// Read options from this JSON file (a Home Assistant add-on's
     /// options). Default: /data/options.json when it exists. Flags and
     /// environment variables win over the file.
@@ -283,6 +307,25 @@ impl Config {
         TrustedProxies::new(self.trusted_proxy.clone())
     }
 
+    /// The STUN/TURN servers handed to clients; an error names the server
+    /// by its URI only (never its credentials).
+    pub fn ice_servers(&self) -> Result<IceServers, String> {
+        let servers = self
+            .ice_server
+            .iter()
+            .map(|spec| {
+                spec.parse::<IceServer>().map_err(|e| {
+                    let uri = spec.split(';').next().unwrap_or_default().trim();
+                    format!("--ice-server {uri}: {e}")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IceServers::new(
+            servers,
+            Duration::from_secs(self.ice_credential_ttl),
+        ))
+    }
+
     pub fn sender_idle(&self) -> Duration {
         Duration::from_secs(self.sender_idle_secs.max(1))
     }
@@ -351,6 +394,24 @@ mod tests {
         assert_eq!(c.rtc_bind(), "127.0.0.1:9000".parse().unwrap());
         let c = parse(&["--listen", "127.0.0.1:9000", "--rtc-port", "9100"]);
         assert_eq!(c.rtc_bind().port(), 9100);
+    }
+
+    #[test]
+    fn a_bad_ice_server_is_named_by_its_uri_not_its_credential() {
+        let c = parse(&[
+            "--ice-server",
+            "stun:h",
+            "--ice-server",
+            "turn:h:0;username=u;credential=hunter2",
+        ]);
+        let e = c.ice_servers().expect_err("port 0");
+        assert!(e.starts_with("--ice-server turn:h:0: bad port"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let c = parse(&["--ice-server", "stun:h,turn:h?transport=tcp;secret=s"]);
+        assert_eq!(
+            c.ice_servers().expect("valid").uris(),
+            ["stun:h", "turn:h?transport=tcp"]
+        );
     }
 
     #[test]

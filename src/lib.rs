@@ -7,6 +7,7 @@
 pub mod access;
 pub mod config;
 pub mod http;
+pub mod ice_servers;
 pub mod liveness;
 pub mod metrics;
 pub mod mp3;

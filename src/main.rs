@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
+use voice_relay::ice_servers::IceServers;
 use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::options;
@@ -34,6 +35,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(Action::Health { timeout_secs }) = config.action {
         health(&config, Duration::from_secs(timeout_secs.max(1)));
     }
+    let ice_servers = match config.ice_servers() {
+        Ok(servers) => servers,
+        Err(e) => {
+            eprintln!("voice-relay: {e}");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             let str0m = if config.log_level == "error" {
@@ -52,6 +60,9 @@ fn main() -> anyhow::Result<()> {
     for key in &configured.unknown_keys {
         tracing::warn!("options file: unknown option {key:?} ignored (from a newer version?)");
     }
+    if !ice_servers.is_empty() {
+        tracing::info!(servers = ?ice_servers.uris(), "STUN/TURN servers handed to clients");
+    }
     raise_fd_limit();
     // A panic is logged like any other event; tokio contains one in a
     // connection's task, the relay contains one to its peer.
@@ -64,12 +75,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(run(config, ice_servers));
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
     let mp3 = Mp3Config {
         bitrate_kbps: config.mp3_bitrate,
         burst_ms: config.mp3_burst_ms,
@@ -99,6 +110,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         mp3,
         limits: config.limits(),
         handshake_timeout: config.handshake_timeout(),
+        ice_servers,
     });
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::load(cert, key)?),

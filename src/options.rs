@@ -14,6 +14,7 @@ use clap::{ArgMatches, FromArgMatches};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, LOG_LEVELS};
+use crate::ice_servers::IceServer;
 use crate::proxy::ProxyNet;
 
 /// Where the Home Assistant Supervisor puts an add-on's options.
@@ -119,6 +120,9 @@ pub struct AddonOptions {
     pub listen_token: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub trusted_proxies: Option<Vec<ProxyNet>>,
+    /// `--ice-server` specs, each checked (credentials included) when read.
+    pub ice_servers: Option<Vec<String>>,
+    pub ice_credential_ttl: Option<u64>,
     pub mp3_bitrate: Option<u32>,
     pub mp3_burst_ms: Option<u32>,
     pub max_streams: Option<usize>,
@@ -171,6 +175,11 @@ impl AddonOptions {
                 }
                 "trusted_proxies" => {
                     o.trusted_proxies = Some(check("trusted_proxies", list(v, proxy_net))?)
+                }
+                "ice_servers" => o.ice_servers = Some(check("ice_servers", list(v, ice_server))?),
+                "ice_credential_ttl" => {
+                    o.ice_credential_ttl =
+                        Some(check("ice_credential_ttl", integer(v, 60, 30 * 86400))?)
                 }
                 "mp3_bitrate" => o.mp3_bitrate = Some(check("mp3_bitrate", bitrate(v))?),
                 "mp3_burst_ms" => {
@@ -247,7 +256,8 @@ impl AddonOptions {
             max_listeners,
             max_connections_per_ip,
             max_messages_per_sec,
-            log_level
+            log_level,
+            ice_credential_ttl
         );
         // Lists: the option's name is the flag's plural.
         let announce = self.announce_ips;
@@ -266,6 +276,8 @@ impl AddonOptions {
             &mut config.allowed_origin,
             origins,
         );
+        let ice_servers = self.ice_servers;
+        fill(explicit, "ice_server", &mut config.ice_server, ice_servers);
         let proxies = self.trusted_proxies;
         fill(
             explicit,
@@ -435,6 +447,18 @@ fn proxy_net(v: &Value) -> Result<ProxyNet, String> {
         .map_err(|e| format!("must be an address or ADDR/PREFIX, got {}: {e}", shown(v)))
 }
 
+/// An `--ice-server` spec; an error names its URI, never its credentials.
+fn ice_server(v: &Value) -> Result<String, String> {
+    let spec = secret(v)?;
+    match spec.parse::<IceServer>() {
+        Ok(_) => Ok(spec),
+        Err(e) => {
+            let uri = spec.split(';').next().unwrap_or_default().trim();
+            Err(format!("{uri}: {e}"))
+        }
+    }
+}
+
 fn list<T>(v: &Value, item: fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
     let Value::Array(items) = v else {
         return Err(format!("must be a list, got {}", shown(v)));
@@ -536,6 +560,38 @@ mod tests {
         ];
         assert_eq!(limits, [11, 12, 13, 14, 15]);
         assert_eq!(c.max_messages_per_sec, 16);
+    }
+
+    #[test]
+    fn ice_servers_are_checked_and_applied() {
+        let dir = tmp("ice");
+        let c = configured(
+            &[],
+            r#"{"ice_servers": ["stun:turn.lan", "turn:turn.lan?transport=tcp;secret=s"],
+                "ice_credential_ttl": 600}"#,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.ice_servers().unwrap().uris().len(), 2);
+        assert_eq!(c.ice_credential_ttl, 600);
+        let c = configured(
+            &["--ice-server", "stun:flag.lan"],
+            r#"{"ice_servers": ["stun:file.lan"]}"#,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.ice_server, ["stun:flag.lan"], "the flag wins");
+        let err = configured(
+            &[],
+            r#"{"ice_servers": ["turn:turn.lan:0;username=u;credential=hunter2"]}"#,
+            &dir,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("\"ice_servers\"") && err.contains("bad port"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

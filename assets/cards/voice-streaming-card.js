@@ -44,6 +44,21 @@
     };
   }
 
+  /**
+   * The STUN/TURN servers a server message hands out (ice_servers in
+   * sender_ready and webrtc_offer, from the relay's --ice-server); none when
+   * the field is absent, as from older servers.
+   */
+  function iceServersOf(msg) {
+    return Array.isArray(msg && msg.ice_servers) ? msg.ice_servers : [];
+  }
+
+  /** The STUN/TURN server URLs a peer connection was configured with (for debugState). */
+  function iceServerUrls(pc) {
+    if (!pc) return [];
+    return pc.getConfiguration().iceServers.flatMap((s) => (Array.isArray(s.urls) ? s.urls : [s.urls]));
+  }
+
   function pageIsSecure() {
     return typeof location !== "undefined" && location.protocol === "https:";
   }
@@ -591,7 +606,7 @@
       if (msg.type === "sender_ready") {
         if (!this._wanted || this._pc) return;
         if (msg.stream_id) this._streamId = msg.stream_id;
-        await this._offer();
+        await this._offer(iceServersOf(msg));
       } else if (msg.type === "webrtc_answer") {
         if (this._pc && this._pc.signalingState === "have-local-offer") {
           await this._pc.setRemoteDescription(msg.answer);
@@ -610,9 +625,9 @@
       }
     }
 
-    async _offer() {
+    async _offer(iceServers) {
       const track = this._mic.getAudioTracks()[0];
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection({ iceServers });
       this._pc = pc;
       pc.addTransceiver(track, { direction: "sendonly", streams: [this._mic] });
       pc.onconnectionstatechange = () => {
@@ -678,6 +693,7 @@
         streamUrl: this.streamUrl,
         socket: this._sig ? this._sig.state : "closed",
         pcState: this._pc ? this._pc.connectionState : null,
+        iceServers: iceServerUrls(this._pc),
         micLevel: this.micLevel(),
         serviceCalls: this._serviceCalls,
         message: this._msg ? this._msg.textContent : "",
@@ -882,7 +898,7 @@
           break;
         }
         case "webrtc_offer":
-          await this._accept(msg.offer);
+          await this._accept(msg.offer, iceServersOf(msg));
           break;
         case "error":
           this._note(`Server: ${msg.message || "error"}`, true);
@@ -948,13 +964,13 @@
       else if (n && n !== this._current) this.listen(n);
     }
 
-    async _accept(offer) {
+    async _accept(offer, iceServers) {
       const id = this._awaiting;
       if (!id) return; // nobody asked
       this._offers += 1;
       clearTimeout(this._offerTimer);
       this._closePc();
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection({ iceServers });
       this._pc = pc;
       pc.ontrack = (ev) => {
         const stream = ev.streams[0] || new MediaStream([ev.track]);
@@ -1105,6 +1121,7 @@
         current: this._current,
         awaiting: this._awaiting,
         pcState: this._pc ? this._pc.connectionState : null,
+        iceServers: iceServerUrls(this._pc),
         offers: this._offers,
         blocked: this._blocked,
         frequency: this.listenFrequency(),

@@ -12,8 +12,8 @@ use axum::routing::{options, post};
 use axum::Router;
 
 use super::whip::{
-    check_post, created, delete, patch_session, preflight, preflight_session, read_sdp, refusal,
-    with_cors,
+    check_post, created, delete, patch_session, preflight_post, preflight_session, read_sdp,
+    refusal, with_cors,
 };
 use super::{AppState, Refusal};
 use crate::whip::{Kind, Started};
@@ -38,7 +38,7 @@ async fn play(
     body: Body,
 ) -> Response {
     let response = match start(&state, &stream, &uri, &headers, body).await {
-        Ok(started) => created(&started, "whep"),
+        Ok(started) => created(&state, &started, "whep"),
         Err(refusal) => refusal.into_response(),
     };
     with_cors(&state, &headers, response)
@@ -66,6 +66,10 @@ async fn delete_session(
     delete(&state, &id, &uri, &headers, Kind::Play)
 }
 
-async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    preflight(&state, &headers, "POST, OPTIONS", true)
+async fn preflight_endpoint(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    preflight_post(&state, &uri, &headers, Kind::Play)
 }

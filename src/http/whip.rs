@@ -1,9 +1,10 @@
 //! The WHIP (RFC 9725) HTTP endpoints: `POST /whip` and `/whip/{name}`
-//! take an SDP offer and answer `201` with our SDP answer and the session
-//! URL; `DELETE` on that URL ends the stream; `PATCH` (trickle ICE) is `405`;
-//! `OPTIONS` answers CORS. Checks (origin, token, content type, size) and
-//! the mapping of session errors onto HTTP statuses are here; the sessions
-//! themselves are `crate::whip`'s.
+//! take an SDP offer and answer `201` with our SDP answer, the session URL
+//! and the `ice-server` `Link`s of `--ice-server`; `DELETE` on that URL ends
+//! the stream; `PATCH` (trickle ICE) is `405`; `OPTIONS` answers CORS.
+//! Checks (origin, token, content type, size) and the mapping of session
+//! errors onto HTTP statuses are here; the sessions themselves are
+//! `crate::whip`'s.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -50,7 +51,7 @@ async fn publish_unnamed(
     body: Body,
 ) -> Response {
     let result = publish(&state, None, &uri, &headers, body).await;
-    with_cors(&state, &headers, respond(result))
+    with_cors(&state, &headers, respond(&state, result))
 }
 
 async fn publish_named(
@@ -61,7 +62,7 @@ async fn publish_named(
     body: Body,
 ) -> Response {
     let result = publish(&state, Some(&name), &uri, &headers, body).await;
-    with_cors(&state, &headers, respond(result))
+    with_cors(&state, &headers, respond(&state, result))
 }
 
 /// Checks a WHIP `POST` and starts its stream.
@@ -196,8 +197,9 @@ fn is_sdp(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(SDP))
 }
 
-/// `201 Created`: the answer, the session URL, and the stream's id.
-pub(super) fn created(started: &Started, kind: &str) -> Response {
+/// `201 Created`: the answer, the session URL, the stream's id, and a `Link`
+/// for each STUN/TURN server (RFC 9725 section 4.6), with fresh credentials.
+pub(super) fn created(state: &AppState, started: &Started, kind: &str) -> Response {
     let location = format!("/{kind}/session/{}", started.id);
     let mut response = (
         StatusCode::CREATED,
@@ -215,12 +217,23 @@ pub(super) fn created(started: &Started, kind: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(&started.stream) {
         h.insert(HeaderName::from_static("x-stream-id"), v);
     }
+    add_ice_server_links(state, h);
     response
 }
 
-fn respond(result: Result<Started, Refusal>) -> Response {
+/// One `Link: <uri>; rel="ice-server"; ...` header per configured server.
+fn add_ice_server_links(state: &AppState, h: &mut HeaderMap) {
+    for server in state.signalling.ice_servers.issue_now() {
+        // Checked at startup: URIs and credentials are printable ASCII.
+        if let Ok(v) = HeaderValue::from_str(&server.link_value()) {
+            h.append(header::LINK, v);
+        }
+    }
+}
+
+fn respond(state: &AppState, result: Result<Started, Refusal>) -> Response {
     match result {
-        Ok(started) => created(&started, "whip"),
+        Ok(started) => created(state, &started, "whip"),
         Err(refusal) => refusal.into_response(),
     }
 }
@@ -289,8 +302,12 @@ pub(super) async fn patch_session(State(state): State<AppState>, headers: Header
 }
 
 /// `OPTIONS /whip`: CORS preflight, and what `POST` takes.
-async fn preflight_endpoint(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    preflight(&state, &headers, "POST, OPTIONS", true)
+async fn preflight_endpoint(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    preflight_post(&state, &uri, &headers, Kind::Publish)
 }
 
 pub(super) async fn preflight_session(
@@ -300,8 +317,26 @@ pub(super) async fn preflight_session(
     preflight(&state, &headers, "DELETE, PATCH, OPTIONS", false)
 }
 
+/// `OPTIONS` on a WHIP or WHEP endpoint. RFC 9725 (section 4.6) lets the
+/// answer carry the STUN/TURN `Link`s for clients that must configure them
+/// before their offer, but not to a CORS preflight; they are given, like on
+/// `POST`, only to a client with the token its kind needs.
+pub(super) fn preflight_post(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    kind: Kind,
+) -> Response {
+    let mut response = preflight(state, headers, "POST, OPTIONS", true);
+    let cors_preflight = headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if !cors_preflight && permitted(state, uri, headers, kind) {
+        add_ice_server_links(state, response.headers_mut());
+    }
+    response
+}
+
 /// `204` with the CORS answer for `methods`.
-pub(super) fn preflight(
+fn preflight(
     state: &AppState,
     headers: &HeaderMap,
     methods: &'static str,

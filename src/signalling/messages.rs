@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ice_servers::RtcIceServer;
+
 /// `{type: "offer"|"answer", sdp}`.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct SessionDescription {
@@ -62,12 +64,20 @@ pub enum ServerMessage {
     SenderReady {
         connection_id: String,
         stream_id: Arc<str>,
+        /// (Addition) STUN/TURN servers for the sender's peer connection;
+        /// absent when none are configured.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<RtcIceServer>,
     },
     WebrtcAnswer {
         answer: SessionDescription,
     },
     WebrtcOffer {
         offer: SessionDescription,
+        /// (Addition) STUN/TURN servers for the receiver's peer connection;
+        /// absent when none are configured.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<RtcIceServer>,
     },
     StreamAvailable {
         stream_id: Arc<str>,
@@ -212,10 +222,23 @@ mod tests {
         let m = ServerMessage::SenderReady {
             connection_id: "conn_1".into(),
             stream_id: "stream_a".into(),
+            ice_servers: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&m).unwrap(),
             r#"{"type":"sender_ready","connection_id":"conn_1","stream_id":"stream_a"}"#
+        );
+        let m = ServerMessage::WebrtcOffer {
+            offer: SessionDescription::offer("v=0".into()),
+            ice_servers: vec![RtcIceServer {
+                urls: "turn:h?transport=tcp".into(),
+                username: Some("u".into()),
+                credential: Some("p".into()),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"webrtc_offer","offer":{"type":"offer","sdp":"v=0"},"ice_servers":[{"urls":"turn:h?transport=tcp","username":"u","credential":"p"}]}"#
         );
     }
 

@@ -20,6 +20,7 @@ use tungstenite::error::CapacityError;
 
 use crate::access::Permissions;
 use crate::config::Limits;
+use crate::ice_servers::IceServers;
 use crate::mp3::Mp3Config;
 use crate::registry::{Registry, StreamEvent};
 use crate::relay::RelayHandle;
@@ -38,6 +39,9 @@ pub struct Signalling {
     /// How long a receiver may take to answer our offer (the same bound the
     /// relay puts on ICE and DTLS).
     pub handshake_timeout: Duration,
+    /// STUN/TURN servers handed to clients (in `sender_ready` and
+    /// `webrtc_offer`, and WHIP/WHEP `Link` headers).
+    pub ice_servers: IceServers,
 }
 
 /// What the socket loop does after one input.

@@ -185,6 +185,7 @@ impl Session {
         self.out.push(ServerMessage::SenderReady {
             connection_id: self.id.clone(),
             stream_id: stream.clone(),
+            ice_servers: self.ctx.ice_servers.issue_now(),
         });
         self.state = State::SenderReady { stream };
     }
@@ -288,6 +289,7 @@ impl Session {
         };
         self.out.push(ServerMessage::WebrtcOffer {
             offer: SessionDescription::offer(sdp),
+            ice_servers: self.ctx.ice_servers.issue_now(),
         });
         tracing::debug!(conn = %self.id, stream = %offer.stream, peer = offer.peer, "offer sent to receiver");
         self.state = State::Offering(offer);

@@ -82,6 +82,16 @@ class Bench:
         raise AssertionError(f"{card} card never heard {freq} Hz: last {last}; cards {await self.debug()}")
 
 
+async def open_cards(browser: Any, base: str, cards_js: str, server_url: str, stream_url: str) -> Bench:
+    """The cards test page in a new context, once the card file has loaded."""
+    page = await (await browser.new_context()).new_page()
+    bench = Bench(page)
+    query = urllib.parse.urlencode({"cards": cards_js, "server": server_url, "stream_url": stream_url})
+    await page.goto(f"{base}/cards_test.html?{query}", timeout=15000)
+    await bench.wait("cardsTest.loaded", 10, "the cards to load")
+    return bench
+
+
 def test_cards_send_and_receive(server: RelayServer, tone_wav) -> None:  # noqa: ANN001
     wav, freq = tone_wav
     stream_url = f"{server.http}/stream/latest.mp3"
@@ -216,12 +226,9 @@ def test_receiving_card_shows_errors_and_keeps_working(server: RelayServer, tone
             static_pages() as base,
             chromium(wav) as browser,
         ):
-            page = await (await browser.new_context()).new_page()
-            bench = Bench(page)
-            query = urllib.parse.urlencode({"cards": cards_js, "server": f"127.0.0.1:{server.port}/ws",
-                                            "stream_url": f"{server.http}/stream/latest.mp3"})
-            await page.goto(f"{base}/cards_test.html?{query}", timeout=15000)
-            await bench.wait("cardsTest.loaded", 10, "the cards to load")
+            bench = await open_cards(browser, base, cards_js, f"127.0.0.1:{server.port}/ws",
+                                     f"{server.http}/stream/latest.mp3")
+            page = bench.page
             await bench.wait("cardsTest.manual.debugState().status === 'connected'", 10, "manual card connected")
             assert (await bench.debug())["manual"]["wsUrl"] == f"ws://127.0.0.1:{server.port}/ws"
             await page.evaluate("cardsTest.manual.listen('stream_doesnotexist')")

@@ -46,6 +46,7 @@ fn server(limits: Limits) -> Arc<Signalling> {
         mp3: Mp3Config::default(),
         limits,
         handshake_timeout: TIMEOUT,
+        ice_servers: Default::default(),
     })
 }
 
@@ -107,7 +108,7 @@ impl Client {
     fn start_receiving(&mut self, stream: &str) -> String {
         let msg = serde_json::json!({"type": "start_receiving", "stream_id": stream});
         match self.send(&msg.to_string()).as_slice() {
-            [ServerMessage::WebrtcOffer { offer }] => offer.sdp.clone(),
+            [ServerMessage::WebrtcOffer { offer, .. }] => offer.sdp.clone(),
             other => panic!("expected webrtc_offer, got {other:?}"),
         }
     }
