@@ -10,6 +10,7 @@ use clap::Parser;
 
 use crate::access::Access;
 use crate::proxy::{ProxyNet, TrustedProxies};
+use crate::whip_push::PushTarget;
 
 /// The values of `--log-level`.
 pub const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
@@ -167,6 +168,30 @@ pub struct Config {
     )]
     pub trusted_proxy: Vec<ProxyNet>,
 
+    /// Also publish every stream to this WHIP endpoint (repeatable; comma
+    /// separated in the environment variable), as a WHIP client forwarding
+    /// the same RTP: e.g. another voice-relay's ingest,
+    /// http://edge:8080/whip/{id}. `{id}` is replaced by the stream id.
+    /// http:// only.
+    #[arg(
+        long = "whip-push",
+        env = "VOICE_RELAY_WHIP_PUSH",
+        value_delimiter = ','
+    )]
+    pub whip_push: Vec<PushTarget>,
+
+    /// Bearer token sent with every --whip-push request.
+    #[arg(long, env = "VOICE_RELAY_WHIP_PUSH_TOKEN", hide_env_values = true)]
+    pub whip_push_token: Option<String>,
+
+    /// Read --whip-push-token from this file (first line).
+    #[arg(
+        long,
+        env = "VOICE_RELAY_WHIP_PUSH_TOKEN_FILE",
+        conflicts_with = "whip_push_token"
+    )]
+    pub whip_push_token_file: Option<PathBuf>,
+
     /// Read options from this JSON file (a Home Assistant add-on's
     /// options). Default: /data/options.json when it exists. Flags and
     /// environment variables win over the file.
@@ -262,11 +287,7 @@ impl Config {
     /// The access rules (reads --token-file).
     pub fn access(&self) -> std::io::Result<Access> {
         let token = match &self.token_file {
-            Some(path) => std::fs::read_to_string(path)?
-                .lines()
-                .next()
-                .map(|l| l.trim().to_owned())
-                .filter(|t| !t.is_empty()),
+            Some(path) => first_line(path)?,
             None => self.token.clone(),
         };
         let nonempty = |t: &Option<String>| t.clone().filter(|t| !t.is_empty());
@@ -276,6 +297,14 @@ impl Config {
             listen_token: nonempty(&self.listen_token),
             allowed_origins: self.allowed_origin.clone(),
         })
+    }
+
+    /// The --whip-push token (reads --whip-push-token-file).
+    pub fn whip_push_token(&self) -> std::io::Result<Option<String>> {
+        match &self.whip_push_token_file {
+            Some(path) => first_line(path),
+            None => Ok(self.whip_push_token.clone().filter(|t| !t.is_empty())),
+        }
     }
 
     /// The proxies whose forwarded client addresses are believed.
@@ -302,6 +331,15 @@ pub struct Limits {
     pub listeners: usize,
     pub connections_per_ip: usize,
     pub messages_per_sec: u32,
+}
+
+/// The first line of a secret's file, trimmed; `None` if empty.
+fn first_line(path: &std::path::Path) -> std::io::Result<Option<String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|t| !t.is_empty()))
 }
 
 /// The IPv4 addresses of the machine's non-loopback, up interfaces.

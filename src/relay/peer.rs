@@ -23,6 +23,10 @@ pub(super) enum PeerKind {
     Sender,
     /// A receiver, with the leg forwarded copies are written for.
     Receiver(Leg),
+    /// A receiver we dialed: the stream pushed to a WHIP server. It is fed
+    /// as a receiver, but we are its offerer and its full, controlling ICE
+    /// agent (the far end may be ICE lite, like this relay).
+    Push(Leg),
 }
 
 /// The limits on a peer's life the loop enforces.
@@ -108,13 +112,14 @@ impl Peer {
         match self.kind {
             PeerKind::Sender => "sender",
             PeerKind::Receiver(_) => "receiver",
+            PeerKind::Push(_) => "push",
         }
     }
 
     /// A receiver's leg, if this is a receiver.
     pub fn leg_mut(&mut self) -> Option<&mut Leg> {
         match &mut self.kind {
-            PeerKind::Receiver(leg) => Some(leg),
+            PeerKind::Receiver(leg) | PeerKind::Push(leg) => Some(leg),
             PeerKind::Sender => None,
         }
     }

@@ -29,6 +29,25 @@ impl Routes {
         self.early_stun.take(&peer.ufrag)
     }
 
+    /// Whether none of `addrs` is routed to a peer yet.
+    pub fn all_free(&self, addrs: &[SocketAddr]) -> bool {
+        addrs.iter().all(|a| !self.by_addr.contains_key(a))
+    }
+
+    /// Routes the addresses of a far end we dial (at most
+    /// [`MAX_ADDRS_PER_PEER`]) to `peer`, those not routed elsewhere.
+    pub fn dial(&mut self, peer: &mut Peer, far_end: &[SocketAddr]) {
+        for a in far_end {
+            if peer.addrs.len() >= MAX_ADDRS_PER_PEER {
+                break;
+            }
+            if !self.by_addr.contains_key(a) {
+                self.by_addr.insert(*a, peer.id);
+                peer.addrs.push(*a);
+            }
+        }
+    }
+
     /// Forgets every route to a freed peer.
     pub fn remove(&mut self, peer: &Peer) {
         for a in &peer.addrs {

@@ -23,6 +23,7 @@ use crate::config::Limits;
 use crate::mp3::Mp3Config;
 use crate::registry::{Registry, StreamEvent};
 use crate::relay::RelayHandle;
+use crate::whip_push::Pushes;
 use messages::ServerMessage;
 use session::Session;
 
@@ -38,6 +39,8 @@ pub struct Signalling {
     /// How long a receiver may take to answer our offer (the same bound the
     /// relay puts on ICE and DTLS).
     pub handshake_timeout: Duration,
+    /// Every stream's pushes to `--whip-push` targets.
+    pub pushes: Pushes,
 }
 
 /// What the socket loop does after one input.

@@ -383,6 +383,7 @@ impl Session {
             keys,
             mid,
             events: self.peer_events.clone(),
+            dialed: Vec::new(),
         };
         match self.ctx.relay.send(command) {
             Ok(()) => Ok(slot),

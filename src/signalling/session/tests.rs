@@ -11,6 +11,7 @@ use super::*;
 use crate::config::Limits;
 use crate::mp3::Mp3Config;
 use crate::relay::{RelayConfig, RelayHandle};
+use crate::whip_push::Pushes;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -40,9 +41,11 @@ fn relay() -> RelayHandle {
 }
 
 fn server(limits: Limits) -> Arc<Signalling> {
+    let relay = relay();
     Arc::new(Signalling {
         registry: Arc::new(Registry::new()),
-        relay: relay(),
+        pushes: Pushes::new(relay.clone(), Vec::new(), None),
+        relay,
         mp3: Mp3Config::default(),
         limits,
         handshake_timeout: TIMEOUT,
