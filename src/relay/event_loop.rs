@@ -44,7 +44,7 @@ const HOUSEKEEPING: Duration = Duration::from_millis(500);
 pub const STREAM_ENDED: &str = "stream ended";
 /// Why a push peer is refused: its far end is reached at an address another
 /// peer already uses.
-pub(super) const PUSH_ADDRESS_BUSY: &str = "the far end's address already carries another peer";
+pub const PUSH_ADDRESS_BUSY: &str = "the far end's address already carries another peer";
 
 /// The peers of one stream.
 struct StreamPeers {

@@ -34,7 +34,7 @@ pub mod srtp;
 mod tests;
 mod timers;
 
-pub use event_loop::STREAM_ENDED;
+pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
 pub use handle::{Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;

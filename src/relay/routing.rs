@@ -192,4 +192,27 @@ mod tests {
         routes.remove(&peer);
         assert_eq!(routes.route(from(1), &rtp, &mut peers), None);
     }
+
+    #[test]
+    fn a_dialed_far_end_routes_its_answers_without_a_ufrag() {
+        let (mut routes, mut peers) = (Routes::default(), Peers::default());
+        let mut push = Peer::for_test(3, "s", false);
+        routes.add(&push);
+        assert!(routes.all_free(&[from(9), from(10)]));
+        routes.dial(&mut push, &[from(9), from(10)]);
+        peers.insert(push);
+        // A STUN response (no USERNAME) or DTLS from the far end finds it.
+        let response = [0x01u8, 0x01, 0, 0];
+        assert_eq!(routes.route(from(9), &response, &mut peers), Some(3));
+        assert_eq!(
+            routes.route(from(10), &[22u8, 254, 253], &mut peers),
+            Some(3)
+        );
+        // Another push to the same far end would share its addresses.
+        assert!(!routes.all_free(&[from(10)]));
+        assert!(routes.all_free(&[from(11)]));
+        let push = peers.remove(3).unwrap();
+        routes.remove(&push);
+        assert!(routes.all_free(&[from(9), from(10)]), "freed with its peer");
+    }
 }

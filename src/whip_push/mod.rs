@@ -16,7 +16,7 @@ mod target;
 
 pub use target::PushTarget;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +44,33 @@ pub struct Pushes {
     relay: RelayHandle,
     /// Per live stream, what its push tasks watch: dropping it stops them.
     live: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
+    far_ends: FarEnds,
+}
+
+/// The far ends (`host:port`) a push is under way to. One relay socket
+/// meets one far-end socket: two legs between the same two addresses could
+/// not be told apart (by us or by the far end), so a far end carries one
+/// stream at a time; another stream's push waits, retrying, until it is
+/// free. (The relay refuses such a leg too, for far ends reached under two
+/// names.)
+#[derive(Clone, Default)]
+struct FarEnds(Arc<Mutex<HashSet<String>>>);
+
+impl FarEnds {
+    /// Holds `far_end` while the returned claim lives; `None` if taken.
+    fn claim(&self, far_end: String) -> Option<FarEndClaim> {
+        lock(&self.0)
+            .insert(far_end.clone())
+            .then(|| FarEndClaim(self.clone(), far_end))
+    }
+}
+
+struct FarEndClaim(FarEnds, String);
+
+impl Drop for FarEndClaim {
+    fn drop(&mut self) {
+        lock(&(self.0).0).remove(&self.1);
+    }
 }
 
 impl Pushes {
@@ -53,6 +80,7 @@ impl Pushes {
             token: token.filter(|t| !t.is_empty()).map(Into::into),
             relay,
             live: Mutex::new(HashMap::new()),
+            far_ends: FarEnds::default(),
         }
     }
 
@@ -69,6 +97,7 @@ impl Pushes {
                 url: target.for_stream(stream),
                 token: self.token.clone(),
                 relay: self.relay.clone(),
+                far_ends: self.far_ends.clone(),
             };
             tokio::spawn(push.run(stop.clone()));
         }
@@ -88,6 +117,7 @@ struct Push {
     url: Url,
     token: Option<Arc<str>>,
     relay: RelayHandle,
+    far_ends: FarEnds,
 }
 
 /// How one attempt ended.
@@ -146,6 +176,15 @@ impl Push {
     /// One attempt: offer, `POST`, then the leg's life in the relay; the
     /// far-end session is deleted when the leg ends.
     async fn attempt(&self, stop: &mut watch::Receiver<()>, backoff: &mut Backoff) -> Outcome {
+        let Some(_claim) = self.far_ends.claim(self.url.authority()) else {
+            return Outcome::failed(
+                "far_end_busy",
+                format!(
+                    "another stream is being pushed to {}; it takes one at a time",
+                    self.url.authority()
+                ),
+            );
+        };
         metrics().whip_push_attempts.inc();
         let (mut rtc, keys) = self.relay.new_push_rtc();
         let mut api = rtc.sdp_api();
@@ -258,7 +297,11 @@ impl Push {
                     // The relay ended the stream before signalling told us.
                     Some(PeerEvent::Closed(_, relay::STREAM_ENDED)) => return Outcome::Stopped,
                     Some(PeerEvent::Closed(_, why)) => {
-                        let reason = if live.is_some() { "dropped" } else { "ice_dtls" };
+                        let reason = match (why, &live) {
+                            (relay::PUSH_ADDRESS_BUSY, _) => "far_end_busy",
+                            (_, Some(_)) => "dropped",
+                            (_, None) => "ice_dtls",
+                        };
                         return Outcome::failed(reason, why);
                     }
                     None => return Outcome::failed("dropped", "the relay stopped"),
@@ -343,6 +386,17 @@ fn far_end(answer: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_far_end_is_claimed_by_one_push_at_a_time() {
+        let far_ends = FarEnds::default();
+        let first = far_ends.claim("edge:8080".into());
+        assert!(first.is_some());
+        assert!(far_ends.claim("edge:8080".into()).is_none());
+        assert!(far_ends.claim("edge2:8080".into()).is_some());
+        drop(first);
+        assert!(far_ends.claim("edge:8080".into()).is_some(), "freed");
+    }
 
     #[test]
     fn the_far_end_is_the_answers_udp_candidates() {

@@ -205,3 +205,31 @@ def test_edge_killed_mid_stream_leaves_origin_receivers_alone_and_is_pushed_agai
                 assert h["active_streams"] == [stream] and h["receivers"] == 1, h
 
         run(main(), 150)
+
+
+def test_a_far_end_carries_one_stream_at_a_time_and_the_next_follows(tmp_path: Path) -> None:
+    edge = RelayServer(tmp_path / "edge.log", ["--sender-idle-secs", "60"])
+    origin = RelayServer(tmp_path / "origin.log", push_args(edge))
+    start(edge)
+    start(origin)
+    with servers(origin, edge):
+
+        async def main() -> None:
+            async with Clients(origin.ws, origin.http) as o, Clients(edge.ws, edge.http) as e:
+                first = await o.sender(440.0)
+                _, rx1 = await hears_on_edge(e, first.stream_id, 440.0)
+                second = await o.sender(660.0)
+                local2 = await o.receiver(second.stream_id, name="origin-receiver-2")
+                await local2.wait_audio(2.0, timeout=10)
+                assert_tone(local2, 660.0)
+                # One UDP socket each side: the second stream waits for the
+                # far end instead of disturbing the first one's push.
+                _, failures, live = await push_metrics(origin)
+                assert failures.get("far_end_busy", 0) >= 1 and live == 1, failures
+                assert (await e.health())["active_streams"] == [first.stream_id]
+                await rx1.sink.wait_more(1.0)
+                assert_tone(rx1, 440.0)
+                await first.stop_stream()
+                await hears_on_edge(e, second.stream_id, 660.0, timeout=45)
+
+        run(main(), 120)
