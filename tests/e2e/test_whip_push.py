@@ -38,6 +38,20 @@ def servers(*srvs: RelayServer) -> Iterator[None]:
                 _finish(s)
 
 
+@contextlib.contextmanager
+def origin_and_edge(
+    tmp_path: Path, edge_args: tuple[str, ...] = (), origin_args: tuple[str, ...] = (), edge_up: bool = True
+) -> Iterator[tuple[RelayServer, RelayServer]]:
+    """An origin pushing to an edge (started unless ``edge_up`` is false)."""
+    edge = RelayServer(tmp_path / "edge.log", list(edge_args))
+    origin = RelayServer(tmp_path / "origin.log", push_args(edge, *origin_args))
+    if edge_up:
+        start(edge)
+    start(origin)
+    with servers(origin, edge):
+        yield origin, edge
+
+
 def start(srv: RelayServer) -> RelayServer:
     try:
         srv.start()
@@ -60,6 +74,14 @@ async def push_metrics(origin: RelayServer) -> tuple[float, dict[str, float], fl
     return m.get("voice_relay_whip_push_attempts_total"), failures, m.get("voice_relay_whip_push_live")
 
 
+async def origin_stream(o: Clients, freq: float):  # noqa: ANN201
+    """A tone sender on the origin, its stream id, and an origin receiver of it."""
+    snd = await o.sender(freq)
+    assert snd.stream_id
+    local = await o.receiver(snd.stream_id, name="origin-receiver")
+    return snd, snd.stream_id, local
+
+
 async def hears_on_edge(edge: Clients, stream: str, freq: float, timeout: float = 20.0):  # noqa: ANN201
     """An aiortc WebSocket receiver on the edge, once the pushed stream is
     listed there, hearing the origin sender's tone."""
@@ -73,18 +95,11 @@ async def hears_on_edge(edge: Clients, stream: str, freq: float, timeout: float 
 
 
 def test_origin_pushes_to_an_edge_and_its_end_reaches_edge_clients(tmp_path: Path) -> None:
-    edge = RelayServer(tmp_path / "edge.log", ["--sender-idle-secs", "60"])
-    origin = RelayServer(tmp_path / "origin.log", push_args(edge))
-    start(edge)
-    start(origin)
-    with servers(origin, edge):
+    with origin_and_edge(tmp_path, edge_args=("--sender-idle-secs", "60")) as (origin, edge):
 
         async def main() -> None:
             async with Clients(origin.ws, origin.http) as o, Clients(edge.ws, edge.http) as e:
-                snd = await o.sender(523.0)
-                stream = snd.stream_id
-                assert stream
-                local = await o.receiver(stream, name="origin-receiver")
+                snd, stream, local = await origin_stream(o, 523.0)
                 watcher, rx = await hears_on_edge(e, stream, 523.0)
                 await local.wait_audio(2.0, timeout=10)
                 assert_tone(local, 523.0)
@@ -107,17 +122,11 @@ def test_origin_pushes_to_an_edge_and_its_end_reaches_edge_clients(tmp_path: Pat
 
 
 def test_edge_down_at_start_is_retried_with_backoff_until_it_comes_up(tmp_path: Path) -> None:
-    edge = RelayServer(tmp_path / "edge.log")
-    origin = RelayServer(tmp_path / "origin.log", push_args(edge))
-    start(origin)
-    with servers(origin, edge):
+    with origin_and_edge(tmp_path, edge_up=False) as (origin, edge):
 
         async def main() -> None:
             async with Clients(origin.ws, origin.http) as o:
-                snd = await o.sender(440.0)
-                stream = snd.stream_id
-                assert stream
-                local = await o.receiver(stream, name="origin-receiver")
+                snd, stream, local = await origin_stream(o, 440.0)
                 window = 6.0
                 t0 = time.monotonic()
                 await local.sink.wait_more(window, timeout=window + 10)
@@ -145,13 +154,11 @@ def test_edge_down_at_start_is_retried_with_backoff_until_it_comes_up(tmp_path: 
 def test_a_refusing_edge_is_counted_by_status_and_the_token_is_not_logged(tmp_path: Path) -> None:
     token_file = tmp_path / "push-token"
     token_file.write_text("wrong-s3cret\n")
-    edge = RelayServer(tmp_path / "edge.log", ["--send-token", "right-s3cret"])
-    origin = RelayServer(
-        tmp_path / "origin.log", push_args(edge, "--whip-push-token-file", str(token_file))
-    )
-    start(edge)
-    start(origin)
-    with servers(origin, edge):
+    with origin_and_edge(
+        tmp_path,
+        edge_args=("--send-token", "right-s3cret"),
+        origin_args=("--whip-push-token-file", str(token_file)),
+    ) as (origin, edge):
 
         async def main() -> None:
             async with Clients(origin.ws, origin.http) as o, Clients(edge.ws, edge.http) as e:
@@ -172,18 +179,11 @@ def test_a_refusing_edge_is_counted_by_status_and_the_token_is_not_logged(tmp_pa
 
 
 def test_edge_killed_mid_stream_leaves_origin_receivers_alone_and_is_pushed_again(tmp_path: Path) -> None:
-    edge = RelayServer(tmp_path / "edge.log")
-    origin = RelayServer(tmp_path / "origin.log", push_args(edge))
-    start(edge)
-    start(origin)
-    with servers(origin, edge):
+    with origin_and_edge(tmp_path) as (origin, edge):
 
         async def main() -> None:
             async with Clients(origin.ws, origin.http) as o:
-                snd = await o.sender(659.0)
-                stream = snd.stream_id
-                assert stream
-                local = await o.receiver(stream, name="origin-receiver")
+                snd, stream, local = await origin_stream(o, 659.0)
                 async with Clients(edge.ws, edge.http) as e:
                     await hears_on_edge(e, stream, 659.0)
                     edge.kill()
@@ -208,11 +208,7 @@ def test_edge_killed_mid_stream_leaves_origin_receivers_alone_and_is_pushed_agai
 
 
 def test_a_far_end_carries_one_stream_at_a_time_and_the_next_follows(tmp_path: Path) -> None:
-    edge = RelayServer(tmp_path / "edge.log", ["--sender-idle-secs", "60"])
-    origin = RelayServer(tmp_path / "origin.log", push_args(edge))
-    start(edge)
-    start(origin)
-    with servers(origin, edge):
+    with origin_and_edge(tmp_path, edge_args=("--sender-idle-secs", "60")) as (origin, edge):
 
         async def main() -> None:
             async with Clients(origin.ws, origin.http) as o, Clients(edge.ws, edge.http) as e:
