@@ -5,7 +5,8 @@
 //!
 //! A sender peer's RTP packets are forwarded as they are (RTP mode, no
 //! decoding) to every receiver peer of its stream, each receiver with its own
-//! payload type, header-extension ids, SSRC and sequence space, and handed to
+//! payload type, header-extension ids, SSRC and sequence space (a WHIP push
+//! leg is one of them, dialed by us as a full ICE agent), and handed to
 //! the stream's MP3 pipeline. Signalling builds the `Rtc` (so the SDP answer
 //! or offer leaves at once) and hands it over with a [`Command`]; the relay
 //! reports back with [`PeerEvent`]s.

@@ -1,5 +1,5 @@
 //! One peer of the relay: its str0m `Rtc`, what it is (a stream's sender, or
-//! a receiver with its outgoing [`Leg`]), where it is in its life (handshake,
+//! a receiver with its outgoing [`Leg`], or a push: a receiver we dialed), where it is in its life (handshake,
 //! connected, closing), and when it next needs the loop (its wake-up and its
 //! deadline). Calls into its str0m state go through [`Peer::contained`].
 

@@ -1,6 +1,7 @@
 //! Which peer a datagram belongs to: by its source address once a STUN check
-//! has introduced that address, else by the ICE ufrag a STUN binding request
-//! names. Checks that arrive before their peer (a browser starts ICE as soon
+//! has introduced that address (or, for a far end we dial, once its answer
+//! named it: its STUN responses carry no ufrag), else by the ICE ufrag a STUN
+//! binding request names. Checks that arrive before their peer (a browser starts ICE as soon
 //! as it answers) are kept a moment in [`EarlyStun`] and replayed.
 
 use std::collections::{HashMap, VecDeque};
