@@ -299,12 +299,23 @@ impl Config {
         })
     }
 
-    /// The --whip-push token (reads --whip-push-token-file).
+    /// The --whip-push token (reads --whip-push-token-file). It goes into
+    /// an HTTP header, so control characters are refused.
     pub fn whip_push_token(&self) -> std::io::Result<Option<String>> {
-        match &self.whip_push_token_file {
-            Some(path) => first_line(path),
-            None => Ok(self.whip_push_token.clone().filter(|t| !t.is_empty())),
+        let token = match &self.whip_push_token_file {
+            Some(path) => first_line(path)?,
+            None => self.whip_push_token.clone().filter(|t| !t.is_empty()),
+        };
+        if token
+            .as_ref()
+            .is_some_and(|t| t.chars().any(char::is_control))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the WHIP push token has control characters",
+            ));
         }
+        Ok(token)
     }
 
     /// The proxies whose forwarded client addresses are believed.
@@ -389,6 +400,26 @@ mod tests {
         assert_eq!(c.rtc_bind(), "127.0.0.1:9000".parse().unwrap());
         let c = parse(&["--listen", "127.0.0.1:9000", "--rtc-port", "9100"]);
         assert_eq!(c.rtc_bind().port(), 9100);
+    }
+
+    #[test]
+    fn whip_push_targets_and_token() {
+        let c = parse(&[
+            "--whip-push",
+            "http://127.0.0.1:9000/whip/{id}",
+            "--whip-push",
+            "http://edge/w/{id}",
+            "--whip-push-token",
+            "t0k",
+        ]);
+        assert_eq!(c.whip_push.len(), 2);
+        assert_eq!(c.whip_push_token().unwrap().as_deref(), Some("t0k"));
+        let c = parse(&["--whip-push-token", "a\r\nX-Injected: 1"]);
+        assert!(c.whip_push_token().is_err(), "no header injection");
+        assert!(
+            Config::try_parse_from(["voice-relay", "--whip-push", "https://edge/whip"]).is_err(),
+            "https is refused at startup"
+        );
     }
 
     #[test]

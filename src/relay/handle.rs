@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mio::Waker;
+use str0m::change::SdpPendingOffer;
 use str0m::config::DtlsCert;
-use str0m::media::Mid;
+use str0m::media::{Direction, MediaKind, Mid};
 use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, Rtc, RtcConfig};
 use tokio::sync::mpsc::UnboundedSender;
@@ -150,6 +151,22 @@ impl RelayHandle {
     pub fn new_push_rtc(&self) -> (Rtc, KeySlot) {
         RtcBuilder::new(&self.cert, &self.candidates).push()
     }
+}
+
+/// The offer of a leg we offer (a WebSocket receiver, a WHIP push): one
+/// send-only Opus audio m-line, its media stream named after `stream`.
+/// Returns the m-line's mid, the SDP, and what accepting the answer needs.
+pub fn offer_audio(rtc: &mut Rtc, stream: &str) -> Option<(Mid, String, SdpPendingOffer)> {
+    let mut api = rtc.sdp_api();
+    let mid = api.add_media(
+        MediaKind::Audio,
+        Direction::SendOnly,
+        Some(stream.to_owned()),
+        None,
+        None,
+    );
+    let (offer, pending) = api.apply()?;
+    Some((mid, offer.to_sdp_string(), pending))
 }
 
 /// Builds the `Rtc` of one peer of this relay.

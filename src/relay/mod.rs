@@ -36,7 +36,7 @@ mod tests;
 mod timers;
 
 pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
-pub use handle::{Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
+pub use handle::{offer_audio, Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;
 
@@ -114,6 +114,23 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
             }
         })?;
     Ok((handle, thread))
+}
+
+/// A relay on a free 127.0.0.1 port (its thread idles until dropped
+/// peers or commands come), for unit tests that build peers as the server
+/// does.
+#[cfg(test)]
+pub(crate) fn start_for_test() -> RelayHandle {
+    let (relay, _thread) = start(RelayConfig {
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        announce: vec!["127.0.0.1:9".parse().expect("addr")],
+        sender_idle: Duration::from_secs(60),
+        handshake_timeout: Duration::from_secs(60),
+        forward_threads: 1,
+        liveness: Liveness::default(),
+    })
+    .expect("relay");
+    relay
 }
 
 fn set_buffer_sizes(socket: &std::net::UdpSocket) {

@@ -21,15 +21,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind};
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::media::Mid;
 use str0m::net::Protocol;
-use str0m::Candidate;
+use str0m::{Candidate, Rtc};
 use tokio::sync::{mpsc, watch};
 
 use crate::http_client::{self, Request, Url};
 use crate::metrics::metrics;
-use crate::relay::{self, Command, PeerEvent, RelayHandle};
+use crate::relay::{self, Command, KeySlot, PeerEvent, RelayError, RelayHandle};
 use crate::sync::lock;
 use backoff::Backoff;
 
@@ -187,61 +187,55 @@ impl Push {
         };
         metrics().whip_push_attempts.inc();
         let (mut rtc, keys) = self.relay.new_push_rtc();
-        let mut api = rtc.sdp_api();
-        let mid = api.add_media(
-            MediaKind::Audio,
-            Direction::SendOnly,
-            Some(self.stream.to_string()),
-            None,
-            None,
-        );
-        let Some((offer, pending)) = api.apply() else {
+        let Some((mid, offer, pending)) = relay::offer_audio(&mut rtc, &self.stream) else {
             return Outcome::failed("offer", "could not create an SDP offer");
         };
-        let session = match self.post(&offer.to_sdp_string()).await {
+        let session = match self.post(&offer).await {
             Ok(s) => s,
             Err(outcome) => return outcome,
         };
-        if stop.has_changed().is_err() {
-            self.delete(&session.url).await;
-            return Outcome::Stopped;
-        }
-        let negotiated = SdpAnswer::from_sdp_string(&session.answer)
-            .map_err(|e| format!("invalid SDP answer: {e}"))
-            .and_then(|answer| {
-                rtc.sdp_api()
-                    .accept_answer(pending, answer)
-                    .map_err(|e| format!("cannot accept the SDP answer: {e}"))
-            })
-            .and_then(|()| {
-                relay::negotiated_opus_pt(&rtc, mid)
-                    .map(|_| ())
-                    .ok_or_else(|| "the answer does not accept Opus audio".to_owned())
-            });
-        let dialed = far_end(&session.answer);
-        let outcome = match (negotiated, dialed.is_empty()) {
-            (Err(e), _) => Outcome::failed("bad_answer", e),
-            (Ok(()), true) => Outcome::failed("bad_answer", "the answer has no UDP candidate"),
-            (Ok(()), false) => {
-                let peer = self.relay.next_peer_id();
-                let (events_tx, events) = mpsc::unbounded_channel();
-                let command = Command::AddReceiver {
-                    peer,
-                    stream: self.stream.clone(),
-                    rtc: Box::new(rtc),
-                    keys,
-                    mid,
-                    events: events_tx,
-                    dialed,
-                };
-                match self.relay.send(command) {
-                    Ok(()) => self.watch(peer, events, stop, backoff).await,
-                    Err(e) => Outcome::failed("relay_busy", e.to_string()),
+        let outcome = if stop.has_changed().is_err() {
+            Outcome::Stopped
+        } else {
+            match accept(&mut rtc, pending, mid, &session.answer) {
+                Err(e) => Outcome::failed("bad_answer", e),
+                Ok(dialed) => {
+                    let leg = Box::new(rtc);
+                    self.hand_over(leg, keys, mid, dialed, stop, backoff).await
                 }
             }
         };
         self.delete(&session.url).await;
         outcome
+    }
+
+    /// Gives the negotiated leg to the relay, then follows it.
+    async fn hand_over(
+        &self,
+        rtc: Box<Rtc>,
+        keys: KeySlot,
+        mid: Mid,
+        dialed: Vec<SocketAddr>,
+        stop: &mut watch::Receiver<()>,
+        backoff: &mut Backoff,
+    ) -> Outcome {
+        let peer = self.relay.next_peer_id();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let command = Command::AddReceiver {
+            peer,
+            stream: self.stream.clone(),
+            rtc,
+            keys,
+            mid,
+            events: events_tx,
+            dialed,
+        };
+        match self.relay.send(command) {
+            Ok(()) => self.watch(peer, events, stop, backoff).await,
+            // The server is shutting down.
+            Err(RelayError::Stopped) => Outcome::Stopped,
+            Err(e) => Outcome::failed("relay_busy", e.to_string()),
+        }
     }
 
     /// `POST`s the offer; the far end's answer and session URL.
@@ -366,6 +360,27 @@ fn http_failure(e: &http_client::HttpError) -> &'static str {
     }
 }
 
+/// Applies the far end's answer; the addresses to dial (its UDP candidates).
+fn accept(
+    rtc: &mut Rtc,
+    pending: SdpPendingOffer,
+    mid: Mid,
+    answer: &str,
+) -> Result<Vec<SocketAddr>, String> {
+    let sdp = SdpAnswer::from_sdp_string(answer).map_err(|e| format!("invalid SDP answer: {e}"))?;
+    rtc.sdp_api()
+        .accept_answer(pending, sdp)
+        .map_err(|e| format!("cannot accept the SDP answer: {e}"))?;
+    if relay::negotiated_opus_pt(rtc, mid).is_none() {
+        return Err("the answer does not accept Opus audio".into());
+    }
+    let dialed = far_end(answer);
+    if dialed.is_empty() {
+        return Err("the answer has no UDP candidate".into());
+    }
+    Ok(dialed)
+}
+
 /// The UDP addresses of the ICE candidates in an SDP answer, at most 8.
 fn far_end(answer: &str) -> Vec<SocketAddr> {
     let mut addrs = Vec::new();
@@ -386,6 +401,7 @@ fn far_end(answer: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use str0m::change::SdpOffer;
 
     #[test]
     fn a_far_end_is_claimed_by_one_push_at_a_time() {
@@ -396,6 +412,55 @@ mod tests {
         assert!(far_ends.claim("edge2:8080".into()).is_some());
         drop(first);
         assert!(far_ends.claim("edge:8080".into()).is_some(), "freed");
+    }
+
+    /// What another voice-relay's WHIP ingest (an ICE-lite sender peer)
+    /// answers to `offer`.
+    fn edge_answer(relay: &RelayHandle, offer: &str) -> String {
+        let mut edge = relay.new_sender_rtc();
+        let offer = SdpOffer::from_sdp_string(offer).expect("offer parses");
+        let answer = edge.sdp_api().accept_offer(offer).expect("edge accepts");
+        answer.to_sdp_string()
+    }
+
+    #[test]
+    fn the_push_offers_full_ice_sendonly_opus_and_takes_an_ice_lite_answer() {
+        let relay = relay::start_for_test();
+        let (mut push, _keys) = relay.new_push_rtc();
+        let (mid, offer_sdp, pending) = relay::offer_audio(&mut push, "studio").expect("an offer");
+        assert!(offer_sdp.contains("a=sendonly"), "{offer_sdp}");
+        assert!(
+            offer_sdp.to_lowercase().contains("opus/48000/2"),
+            "{offer_sdp}"
+        );
+        assert!(offer_sdp.contains("a=msid:studio"), "{offer_sdp}");
+        assert!(
+            !offer_sdp.contains("a=ice-lite"),
+            "a push is a full ICE agent"
+        );
+        let answer = edge_answer(&relay, &offer_sdp);
+        assert!(answer.contains("a=ice-lite"), "{answer}");
+        let dialed = accept(&mut push, pending, mid, &answer).expect("answer accepted");
+        assert_eq!(dialed, vec!["127.0.0.1:9".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn answers_that_cannot_be_dialed_are_refused() {
+        let relay = relay::start_for_test();
+        let (mut push, _keys) = relay.new_push_rtc();
+        let (mid, offer_sdp, pending) = relay::offer_audio(&mut push, "studio").expect("an offer");
+        // Candidates only trickled later (we do not PATCH): nothing to dial.
+        let bare: String = edge_answer(&relay, &offer_sdp)
+            .lines()
+            .filter(|l| !l.starts_with("a=candidate"))
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        let err = accept(&mut push, pending, mid, &bare).unwrap_err();
+        assert!(err.contains("no UDP candidate"), "{err}");
+        let (mut push, _keys) = relay.new_push_rtc();
+        let (mid, _, pending) = relay::offer_audio(&mut push, "s").expect("an offer");
+        let err = accept(&mut push, pending, mid, "HTTP/1.1 200 OK").unwrap_err();
+        assert!(err.contains("invalid SDP answer"), "{err}");
     }
 
     #[test]
