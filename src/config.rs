@@ -11,6 +11,7 @@ use clap::Parser;
 use crate::access::Access;
 use crate::ice_servers::{IceServer, IceServers};
 use crate::proxy::{ProxyNet, TrustedProxies};
+use crate::whip_push::PushTarget;
 
 /// The values of `--log-level`.
 pub const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
@@ -190,6 +191,29 @@ pub struct Config {
     #[arg(long, env = "VOICE_RELAY_ICE_CREDENTIAL_TTL", default_value_t = 86400,
           value_parser = clap::value_parser!(u64).range(60..=30 * 86400))]
     pub ice_credential_ttl: u64,
+    /// Also publish every stream to this WHIP endpoint (repeatable; comma
+    /// separated in the environment variable), as a WHIP client forwarding
+    /// the same RTP: e.g. another voice-relay's ingest,
+    /// http://edge:8080/whip/{id}. `{id}` is replaced by the stream id.
+    /// http:// only.
+    #[arg(
+        long = "whip-push",
+        env = "VOICE_RELAY_WHIP_PUSH",
+        value_delimiter = ','
+    )]
+    pub whip_push: Vec<PushTarget>,
+
+    /// Bearer token sent with every --whip-push request.
+    #[arg(long, env = "VOICE_RELAY_WHIP_PUSH_TOKEN", hide_env_values = true)]
+    pub whip_push_token: Option<String>,
+
+    /// Read --whip-push-token from this file (first line).
+    #[arg(
+        long,
+        env = "VOICE_RELAY_WHIP_PUSH_TOKEN_FILE",
+        conflicts_with = "whip_push_token"
+    )]
+    pub whip_push_token_file: Option<PathBuf>,
 
     /// Read options from this JSON file (a Home Assistant add-on's
     /// options). Default: /data/options.json when it exists. Flags and
@@ -286,11 +310,7 @@ impl Config {
     /// The access rules (reads --token-file).
     pub fn access(&self) -> std::io::Result<Access> {
         let token = match &self.token_file {
-            Some(path) => std::fs::read_to_string(path)?
-                .lines()
-                .next()
-                .map(|l| l.trim().to_owned())
-                .filter(|t| !t.is_empty()),
+            Some(path) => first_line(path)?,
             None => self.token.clone(),
         };
         let nonempty = |t: &Option<String>| t.clone().filter(|t| !t.is_empty());
@@ -300,6 +320,25 @@ impl Config {
             listen_token: nonempty(&self.listen_token),
             allowed_origins: self.allowed_origin.clone(),
         })
+    }
+
+    /// The --whip-push token (reads --whip-push-token-file). It goes into
+    /// an HTTP header, so control characters are refused.
+    pub fn whip_push_token(&self) -> std::io::Result<Option<String>> {
+        let token = match &self.whip_push_token_file {
+            Some(path) => first_line(path)?,
+            None => self.whip_push_token.clone().filter(|t| !t.is_empty()),
+        };
+        if token
+            .as_ref()
+            .is_some_and(|t| t.chars().any(char::is_control))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the WHIP push token has control characters",
+            ));
+        }
+        Ok(token)
     }
 
     /// The proxies whose forwarded client addresses are believed.
@@ -345,6 +384,15 @@ pub struct Limits {
     pub listeners: usize,
     pub connections_per_ip: usize,
     pub messages_per_sec: u32,
+}
+
+/// The first line of a secret's file, trimmed; `None` if empty.
+fn first_line(path: &std::path::Path) -> std::io::Result<Option<String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|t| !t.is_empty()))
 }
 
 /// The IPv4 addresses of the machine's non-loopback, up interfaces.
@@ -411,6 +459,26 @@ mod tests {
         assert_eq!(
             c.ice_servers().expect("valid").uris(),
             ["stun:h", "turn:h?transport=tcp"]
+        );
+    }
+
+    #[test]
+    fn whip_push_targets_and_token() {
+        let c = parse(&[
+            "--whip-push",
+            "http://127.0.0.1:9000/whip/{id}",
+            "--whip-push",
+            "http://edge/w/{id}",
+            "--whip-push-token",
+            "t0k",
+        ]);
+        assert_eq!(c.whip_push.len(), 2);
+        assert_eq!(c.whip_push_token().unwrap().as_deref(), Some("t0k"));
+        let c = parse(&["--whip-push-token", "a\r\nX-Injected: 1"]);
+        assert!(c.whip_push_token().is_err(), "no header injection");
+        assert!(
+            Config::try_parse_from(["voice-relay", "--whip-push", "https://edge/whip"]).is_err(),
+            "https is refused at startup"
         );
     }
 

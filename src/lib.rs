@@ -7,6 +7,7 @@
 pub mod access;
 pub mod config;
 pub mod http;
+pub mod http_client;
 pub mod ice_servers;
 pub mod liveness;
 pub mod metrics;
@@ -23,3 +24,4 @@ pub mod sync;
 pub mod tls;
 pub mod web;
 pub mod whip;
+pub mod whip_push;

@@ -22,6 +22,7 @@ use voice_relay::registry::Registry;
 use voice_relay::relay::{self, Command, RelayConfig, RelayHandle};
 use voice_relay::signalling::Signalling;
 use voice_relay::tls;
+use voice_relay::whip_push::Pushes;
 
 fn main() -> anyhow::Result<()> {
     let configured = match options::configure(&Config::command().get_matches()) {
@@ -111,6 +112,13 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
         limits: config.limits(),
         handshake_timeout: config.handshake_timeout(),
         ice_servers,
+        pushes: Pushes::new(
+            relay.clone(),
+            config.whip_push.clone(),
+            config
+                .whip_push_token()
+                .context("reading --whip-push-token-file")?,
+        ),
     });
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::load(cert, key)?),

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub ogg_listeners_dropped_slow: IntCounter,
     pub limit_hits: IntCounterVec,
     pub errors: IntCounterVec,
+    pub whip_push_attempts: IntCounter,
+    pub whip_push_failures: IntCounterVec,
+    pub whip_push_live: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -127,6 +130,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "error messages sent to WebSocket clients, by code",
             "code",
         )?,
+        whip_push_attempts: counter(
+            "whip_push_attempts_total",
+            "WHIP push attempts (offer POSTed to a --whip-push target)",
+        )?,
+        whip_push_failures: counter_vec(
+            "whip_push_failures_total",
+            "Failed or dropped WHIP pushes, by reason (http_STATUS for a refusal, unreachable, timeout, bad_answer, ice_dtls, dropped, far_end_busy)",
+            "reason",
+        )?,
+        whip_push_live: gauge("whip_push_live", "WHIP pushes connected now")?,
         registry,
     })
 }

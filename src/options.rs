@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::{Config, LOG_LEVELS};
 use crate::ice_servers::IceServer;
 use crate::proxy::ProxyNet;
+use crate::whip_push::PushTarget;
 
 /// Where the Home Assistant Supervisor puts an add-on's options.
 pub const ADDON_OPTIONS: &str = "/data/options.json";
@@ -133,6 +134,8 @@ pub struct AddonOptions {
     pub max_connections_per_ip: Option<usize>,
     pub max_messages_per_sec: Option<u32>,
     pub log_level: Option<String>,
+    pub whip_push: Option<Vec<PushTarget>>,
+    pub whip_push_token: Option<String>,
 }
 
 /// Largest value of a limit option.
@@ -201,6 +204,10 @@ impl AddonOptions {
                     o.max_messages_per_sec = Some(limit("max_messages_per_sec", v)? as u32)
                 }
                 "log_level" => o.log_level = Some(check("log_level", log_level(v))?),
+                "whip_push" => o.whip_push = Some(check("whip_push", list(v, push_target))?),
+                "whip_push_token" => {
+                    o.whip_push_token = check("whip_push_token", secret(v))?.filter_empty()
+                }
                 _ => unknown.push(key),
             }
         }
@@ -291,6 +298,16 @@ impl AddonOptions {
         let (send, listen) = (self.send_token, self.listen_token);
         fill_some(explicit, "send_token", &mut config.send_token, send);
         fill_some(explicit, "listen_token", &mut config.listen_token, listen);
+        fill(explicit, "whip_push", &mut config.whip_push, self.whip_push);
+        if !explicit("whip_push_token_file") {
+            let token = self.whip_push_token;
+            fill_some(
+                explicit,
+                "whip_push_token",
+                &mut config.whip_push_token,
+                token,
+            );
+        }
         Ok(())
     }
 
@@ -459,6 +476,13 @@ fn ice_server(v: &Value) -> Result<String, String> {
     }
 }
 
+fn push_target(v: &Value) -> Result<PushTarget, String> {
+    let t = text(v)?;
+    t.trim()
+        .parse()
+        .map_err(|e| format!("must be an http:// WHIP URL, got {}: {e}", shown(v)))
+}
+
 fn list<T>(v: &Value, item: fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
     let Value::Array(items) = v else {
         return Err(format!("must be a list, got {}", shown(v)));
@@ -540,7 +564,8 @@ mod tests {
                 "send_token": "s", "listen_token": "l", "mp3_burst_ms": 1500,
                 "max_receivers_per_stream": 11, "max_receivers": 12,
                 "max_listeners_per_stream": 13, "max_listeners": 14,
-                "max_connections_per_ip": 15, "max_messages_per_sec": 16}"#,
+                "max_connections_per_ip": 15, "max_messages_per_sec": 16,
+                "whip_push": ["http://edge.lan:8080/whip/{id}"], "whip_push_token": "w"}"#,
             &dir,
         )
         .unwrap();
@@ -560,6 +585,11 @@ mod tests {
         ];
         assert_eq!(limits, [11, 12, 13, 14, 15]);
         assert_eq!(c.max_messages_per_sec, 16);
+        assert_eq!(
+            c.whip_push[0].for_stream("s").to_string(),
+            "http://edge.lan:8080/whip/s"
+        );
+        assert_eq!(c.whip_push_token().unwrap().as_deref(), Some("w"));
     }
 
     #[test]
@@ -648,6 +678,8 @@ mod tests {
             (r#"{"trusted_proxies": "10.0.0.0/8"}"#, "trusted_proxies"),
             (r#"{"trusted_proxies": ["10.0.0.0/33"]}"#, "trusted_proxies"),
             (r#"{"token": 98765}"#, "token"),
+            (r#"{"whip_push": ["https://edge/whip"]}"#, "whip_push"),
+            (r#"{"whip_push_token": 98765}"#, "whip_push_token"),
         ] {
             let err = configured(&[], json, &dir).unwrap_err();
             assert!(err.contains(&format!("option \"{key}\"")), "{json}: {err}");

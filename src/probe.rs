@@ -14,8 +14,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-/// Largest response the probe reads.
-const MAX_RESPONSE: usize = 64 * 1024;
+use crate::http_client::{parse_response, MAX_RESPONSE};
 
 /// Where and how to probe.
 #[derive(Debug, Clone)]
@@ -106,28 +105,11 @@ fn exchange(mut stream: impl Read + Write, request: &str) -> Result<Vec<u8>, Pro
 
 /// Healthy when the status is 200 and the JSON body says `"healthy"`.
 fn verdict(raw: &[u8]) -> Result<(), ProbeError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err(ProbeError::NotHttp),
-    };
-    let code = response.code.ok_or(ProbeError::NotHttp)?;
-    if code != 200 {
-        return Err(ProbeError::Status(code));
+    let response = parse_response(raw).ok_or(ProbeError::NotHttp)?;
+    if response.status != 200 {
+        return Err(ProbeError::Status(response.status));
     }
-    let chunked = response.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value)
-                .to_ascii_lowercase()
-                .contains("chunked")
-    });
-    let body = &raw[head_len..];
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_vec()
-    };
+    let body = response.body;
     let json: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
         ProbeError::Body(String::from_utf8_lossy(&body).chars().take(200).collect())
     })?;
@@ -136,27 +118,6 @@ fn verdict(raw: &[u8]) -> Result<(), ProbeError> {
         _ => Err(ProbeError::Body(
             json.to_string().chars().take(200).collect(),
         )),
-    }
-}
-
-/// The payload of a chunked body (as much as is complete).
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_field = String::from_utf8_lossy(&body[..eol]);
-        let size_hex = size_field.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_hex, 16) else {
-            return out;
-        };
-        let start = eol + 2;
-        if size == 0 || body.len() < start + size {
-            return out;
-        }
-        out.extend_from_slice(&body[start..start + size]);
-        body = body.get(start + size + 2..).unwrap_or(&[]);
     }
 }
 

@@ -40,6 +40,11 @@ const READ_BATCH: usize = 256;
 /// How often the counters are published to the metrics (and the longest
 /// the loop sleeps).
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// Why a stream's receivers (push legs included) close when it ends.
+pub const STREAM_ENDED: &str = "stream ended";
+/// Why a push peer is refused: its far end is reached at an address another
+/// peer already uses.
+pub const PUSH_ADDRESS_BUSY: &str = "the far end's address already carries another peer";
 
 /// The peers of one stream.
 struct StreamPeers {
@@ -170,17 +175,28 @@ impl Relay {
                 keys,
                 mid,
                 events,
+                dialed,
             } => {
                 let Some(entry) = self.streams.get_mut(&stream) else {
-                    let _ = events.send(PeerEvent::Closed(peer, "stream ended"));
+                    let _ = events.send(PeerEvent::Closed(peer, STREAM_ENDED));
                     return;
                 };
                 let Some(leg) = Leg::negotiated(&mut rtc, mid, keys) else {
                     let _ = events.send(PeerEvent::Closed(peer, "no Opus audio negotiated"));
                     return;
                 };
-                entry.receivers.push(peer);
-                self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events);
+                if dialed.is_empty() {
+                    entry.receivers.push(peer);
+                    self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events);
+                } else if self.routes.all_free(&dialed) {
+                    entry.receivers.push(peer);
+                    self.insert_peer(peer, rtc, PeerKind::Push(leg), stream, events);
+                    self.dial(peer, &dialed);
+                } else {
+                    // One socket each side: a second peer between the same
+                    // two addresses could not be told apart from the first.
+                    let _ = events.send(PeerEvent::Closed(peer, PUSH_ADDRESS_BUSY));
+                }
             }
             Command::RemoteCandidate { peer, candidate } => {
                 if let Some(p) = self.peers.get_mut(peer) {
@@ -189,7 +205,7 @@ impl Relay {
                 }
             }
             Command::ClosePeer { peer } => self.close_peer(peer, "closed by client"),
-            Command::EndStream { stream } => self.end_stream(&stream, "stream ended"),
+            Command::EndStream { stream } => self.end_stream(&stream, STREAM_ENDED),
             Command::Shutdown => {}
             #[cfg(test)]
             Command::Crash => panic!("relay thread crash asked by a test"),
@@ -237,6 +253,15 @@ impl Relay {
         for (source, data) in early {
             self.handle_datagram(source, &data, now);
         }
+    }
+
+    /// Routes the far end's addresses to a push peer we dial; its answers
+    /// to our ICE checks (which name no ufrag) find it by them.
+    fn dial(&mut self, id: PeerId, far_end: &[SocketAddr]) {
+        if let Some(peer) = self.peers.get_mut(id) {
+            self.routes.dial(peer, far_end);
+        }
+        self.drain_peer(id, None);
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {
@@ -441,7 +466,7 @@ impl Relay {
             self.close_peer(s, why);
         }
         for r in receivers {
-            self.close_peer(r, "stream ended");
+            self.close_peer(r, STREAM_ENDED);
         }
     }
 

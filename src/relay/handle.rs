@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mio::Waker;
+use str0m::change::SdpPendingOffer;
 use str0m::config::DtlsCert;
-use str0m::media::Mid;
+use str0m::media::{Direction, MediaKind, Mid};
 use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, Rtc, RtcConfig};
 use tokio::sync::mpsc::UnboundedSender;
@@ -61,6 +62,10 @@ pub enum Command {
         /// The audio m-line we offered.
         mid: Mid,
         events: PeerEvents,
+        /// The far end's addresses when we dialed it (a WHIP push: the
+        /// candidates of its answer), routed to this peer at once; empty for
+        /// a client receiver, whose own checks introduce its address.
+        dialed: Vec<SocketAddr>,
     },
     /// A trickled remote candidate.
     RemoteCandidate { peer: PeerId, candidate: Candidate },
@@ -138,6 +143,30 @@ impl RelayHandle {
     pub fn new_receiver_rtc(&self) -> (Rtc, KeySlot) {
         RtcBuilder::new(&self.cert, &self.candidates).receiver()
     }
+
+    /// A new push peer (we publish a stream to a WHIP server): a receiver
+    /// peer, but a full ICE agent, which as the offerer is the controlling
+    /// one. Two ICE-lite agents (this relay and another voice-relay) would
+    /// never check each other.
+    pub fn new_push_rtc(&self) -> (Rtc, KeySlot) {
+        RtcBuilder::new(&self.cert, &self.candidates).push()
+    }
+}
+
+/// The offer of a leg we offer (a WebSocket receiver, a WHIP push): one
+/// send-only Opus audio m-line, its media stream named after `stream`.
+/// Returns the m-line's mid, the SDP, and what accepting the answer needs.
+pub fn offer_audio(rtc: &mut Rtc, stream: &str) -> Option<(Mid, String, SdpPendingOffer)> {
+    let mut api = rtc.sdp_api();
+    let mid = api.add_media(
+        MediaKind::Audio,
+        Direction::SendOnly,
+        Some(stream.to_owned()),
+        None,
+        None,
+    );
+    let (offer, pending) = api.apply()?;
+    Some((mid, offer.to_sdp_string(), pending))
 }
 
 /// Builds the `Rtc` of one peer of this relay.
@@ -160,6 +189,16 @@ impl<'a> RtcBuilder<'a> {
             .set_dtls_cert(self.cert.clone())
     }
 
+    /// The receiver's config (see [`receiver`](Self::receiver)).
+    fn receiver_config(&self) -> RtcConfig {
+        let mut exts = ExtensionMap::empty();
+        exts.set(1, Extension::AudioLevel);
+        exts.set(4, Extension::RtpMid);
+        self.base_config()
+            .set_extension_map(exts)
+            .set_send_buffer_audio(RECEIVER_SEND_BUFFER)
+    }
+
     pub(super) fn sender(&self) -> Rtc {
         let mut rtc = self.base_config().build(Instant::now());
         self.add_candidates(&mut rtc);
@@ -174,13 +213,15 @@ impl<'a> RtcBuilder<'a> {
     /// Opus (browsers do not NACK audio), and the relay protects and sends
     /// forwarded packets itself, so the send buffer is kept small.
     pub(super) fn receiver(&self) -> (Rtc, KeySlot) {
-        let mut exts = ExtensionMap::empty();
-        exts.set(1, Extension::AudioLevel);
-        exts.set(4, Extension::RtpMid);
-        let config = self
-            .base_config()
-            .set_extension_map(exts)
-            .set_send_buffer_audio(RECEIVER_SEND_BUFFER);
+        self.build_leg(self.receiver_config())
+    }
+
+    /// As a receiver, but a full ICE agent: see [`RelayHandle::new_push_rtc`].
+    pub(super) fn push(&self) -> (Rtc, KeySlot) {
+        self.build_leg(self.receiver_config().set_ice_lite(false))
+    }
+
+    fn build_leg(&self, config: RtcConfig) -> (Rtc, KeySlot) {
         let (mut rtc, keys) = srtp::build_tapped(config, Instant::now());
         self.add_candidates(&mut rtc);
         (rtc, keys)

@@ -5,7 +5,8 @@
 //!
 //! A sender peer's RTP packets are forwarded as they are (RTP mode, no
 //! decoding) to every receiver peer of its stream, each receiver with its own
-//! payload type, header-extension ids, SSRC and sequence space, and handed to
+//! payload type, header-extension ids, SSRC and sequence space (a WHIP push
+//! leg is one of them, dialed by us as a full ICE agent), and handed to
 //! the stream's MP3 pipeline. Signalling builds the `Rtc` (so the SDP answer
 //! or offer leaves at once) and hands it over with a [`Command`]; the relay
 //! reports back with [`PeerEvent`]s.
@@ -34,7 +35,8 @@ pub mod srtp;
 mod tests;
 mod timers;
 
-pub use handle::{Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
+pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
+pub use handle::{offer_audio, Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;
 
@@ -112,6 +114,23 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
             }
         })?;
     Ok((handle, thread))
+}
+
+/// A relay on a free 127.0.0.1 port (its thread idles until dropped
+/// peers or commands come), for unit tests that build peers as the server
+/// does.
+#[cfg(test)]
+pub(crate) fn start_for_test() -> RelayHandle {
+    let (relay, _thread) = start(RelayConfig {
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        announce: vec!["127.0.0.1:9".parse().expect("addr")],
+        sender_idle: Duration::from_secs(60),
+        handshake_timeout: Duration::from_secs(60),
+        forward_threads: 1,
+        liveness: Liveness::default(),
+    })
+    .expect("relay");
+    relay
 }
 
 fn set_buffer_sizes(socket: &std::net::UdpSocket) {

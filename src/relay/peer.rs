@@ -1,5 +1,5 @@
 //! One peer of the relay: its str0m `Rtc`, what it is (a stream's sender, or
-//! a receiver with its outgoing [`Leg`]), where it is in its life (handshake,
+//! a receiver with its outgoing [`Leg`], or a push: a receiver we dialed), where it is in its life (handshake,
 //! connected, closing), and when it next needs the loop (its wake-up and its
 //! deadline). Calls into its str0m state go through [`Peer::contained`].
 
@@ -23,6 +23,10 @@ pub(super) enum PeerKind {
     Sender,
     /// A receiver, with the leg forwarded copies are written for.
     Receiver(Leg),
+    /// A receiver we dialed: the stream pushed to a WHIP server. It is fed
+    /// as a receiver, but we are its offerer and its full, controlling ICE
+    /// agent (the far end may be ICE lite, like this relay).
+    Push(Leg),
 }
 
 /// The limits on a peer's life the loop enforces.
@@ -108,13 +112,14 @@ impl Peer {
         match self.kind {
             PeerKind::Sender => "sender",
             PeerKind::Receiver(_) => "receiver",
+            PeerKind::Push(_) => "push",
         }
     }
 
     /// A receiver's leg, if this is a receiver.
     pub fn leg_mut(&mut self) -> Option<&mut Leg> {
         match &mut self.kind {
-            PeerKind::Receiver(leg) => Some(leg),
+            PeerKind::Receiver(leg) | PeerKind::Push(leg) => Some(leg),
             PeerKind::Sender => None,
         }
     }

@@ -24,6 +24,7 @@ use crate::ice_servers::IceServers;
 use crate::mp3::Mp3Config;
 use crate::registry::{Registry, StreamEvent};
 use crate::relay::RelayHandle;
+use crate::whip_push::Pushes;
 use messages::ServerMessage;
 use session::Session;
 
@@ -42,6 +43,8 @@ pub struct Signalling {
     /// STUN/TURN servers handed to clients (in `sender_ready` and
     /// `webrtc_offer`, and WHIP/WHEP `Link` headers).
     pub ice_servers: IceServers,
+    /// Every stream's pushes to `--whip-push` targets.
+    pub pushes: Pushes,
 }
 
 /// What the socket loop does after one input.

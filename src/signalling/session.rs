@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::change::{SdpAnswer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::Mid;
 use str0m::{Candidate, Rtc};
 
 use super::messages::{
@@ -303,15 +303,7 @@ impl Session {
     ) -> Option<(Box<Offer>, String)> {
         let relay = &self.ctx.relay;
         let (mut rtc, keys) = relay.new_receiver_rtc();
-        let mut api = rtc.sdp_api();
-        let mid = api.add_media(
-            MediaKind::Audio,
-            Direction::SendOnly,
-            Some(stream.to_string()),
-            None,
-            None,
-        );
-        let (sdp, pending) = api.apply()?;
+        let (mid, sdp, pending) = relay::offer_audio(&mut rtc, &stream)?;
         let offer = Offer {
             stream,
             peer: relay.next_peer_id(),
@@ -322,7 +314,7 @@ impl Session {
             deadline: Instant::now() + self.ctx.handshake_timeout,
             slot,
         };
-        Some((Box::new(offer), sdp.to_sdp_string()))
+        Some((Box::new(offer), sdp))
     }
 
     fn receiver_answer(&mut self, answer: SessionDescription) {
@@ -385,6 +377,7 @@ impl Session {
             keys,
             mid,
             events: self.peer_events.clone(),
+            dialed: Vec::new(),
         };
         match self.ctx.relay.send(command) {
             Ok(()) => Ok(slot),

@@ -52,7 +52,7 @@ impl Signalling {
 
     /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline
     /// and Ogg pager, then the relay, then the listing in the place `slot`
-    /// reserved.
+    /// reserved, then its WHIP pushes.
     pub(crate) fn start_stream(
         &self,
         slot: StreamSlot,
@@ -72,12 +72,15 @@ impl Signalling {
             ogg: Some(ogg_sink),
         })?;
         slot.publish(stream.clone(), StreamOutputs { mp3, ogg });
+        self.pushes.start(stream);
         Ok(peer)
     }
 
     /// Ends `stream` in the registry (everyone hears `stream_ended` once) and
-    /// in the relay (its sender and receivers close, its MP3 and Ogg end).
+    /// in the relay (its sender and receivers close, its MP3 and Ogg end),
+    /// and stops its WHIP pushes.
     pub(crate) fn end_stream(&self, stream: &Arc<str>) {
+        self.pushes.stop(stream);
         self.registry.end_stream(stream);
         let _ = self.relay.send(Command::EndStream {
             stream: stream.clone(),

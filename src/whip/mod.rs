@@ -180,6 +180,7 @@ impl Sessions {
             keys,
             mid,
             events: events_tx,
+            dialed: Vec::new(),
         };
         relay
             .send(command)

@@ -26,8 +26,11 @@ pub type Ws = WebSocketStream<TcpStream>;
 
 /// Things every client task shares.
 pub struct Ctx {
+    /// Where receivers join.
     pub server: SocketAddr,
-    pub ws_url: String,
+    /// Where senders stream: the server itself, or an origin that pushes
+    /// its streams to the server (`--sender-server`).
+    pub sender_server: SocketAddr,
     /// Clients bind to 127.0.0.1 ..= 127.0.0.N (the server limits connections per address).
     pub source_ips: u32,
     pub cert: DtlsCert,
@@ -50,6 +53,7 @@ pub struct Counters {
 impl Ctx {
     pub fn new(
         server: SocketAddr,
+        sender_server: SocketAddr,
         source_ips: u32,
         cert: DtlsCert,
         sender_worker: WorkerHandle,
@@ -58,7 +62,7 @@ impl Ctx {
     ) -> Self {
         Ctx {
             server,
-            ws_url: format!("ws://{server}/ws"),
+            sender_server,
             source_ips: source_ips.clamp(1, 250),
             cert,
             sender_worker,
@@ -90,13 +94,13 @@ impl Ctx {
     }
 }
 
-async fn connect(ctx: &Ctx, from: Ipv4Addr) -> Result<Ws> {
+async fn connect(server: SocketAddr, from: Ipv4Addr) -> Result<Ws> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(IpAddr::V4(from), 0))
         .with_context(|| format!("binding a TCP socket to {from}"))?;
-    let tcp = sock.connect(ctx.server).await.context("TCP connect")?;
+    let tcp = sock.connect(server).await.context("TCP connect")?;
     tcp.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async(ctx.ws_url.as_str(), tcp)
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{server}/ws"), tcp)
         .await
         .context("websocket connect")?;
     Ok(ws)
@@ -270,7 +274,7 @@ async fn sender_handshake(
 /// One handshake sample: connect, negotiate, measure offer → answer, leave.
 pub async fn sender_handshake_sample(ctx: &Ctx) -> Result<Duration> {
     let ip = ctx.source_ip(ctx.next_id.fetch_add(1, Ordering::Relaxed));
-    let mut ws = connect(ctx, ip).await?;
+    let mut ws = connect(ctx.sender_server, ip).await?;
     let (_, _rtc, _sock, _, _, took) = sender_handshake(ctx, &mut ws, ip).await?;
     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     Ok(took)
@@ -284,7 +288,7 @@ pub async fn start_sender(
 ) -> Result<SenderInfo> {
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let ip = ctx.source_ip(id);
-    let mut ws = connect(&ctx, ip).await?;
+    let mut ws = connect(ctx.sender_server, ip).await?;
     let (stream_id, mut rtc, socket, mid, sdp, took) = sender_handshake(&ctx, &mut ws, ip).await?;
     let pt = opus_pt(&sdp).ok_or_else(|| anyhow!("the answer has no Opus"))?;
     let ssrc = rtc
@@ -343,7 +347,7 @@ pub async fn join_receiver(
     let left = || deadline.saturating_duration_since(Instant::now());
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let ip = ctx.source_ip(id);
-    let mut ws = tokio::time::timeout(left(), connect(&ctx, ip))
+    let mut ws = tokio::time::timeout(left(), connect(ctx.server, ip))
         .await
         .map_err(|_| anyhow!("websocket connect timed out"))??;
     let t0 = Instant::now();

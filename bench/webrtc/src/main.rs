@@ -39,6 +39,12 @@ struct Args {
     #[arg(long, conflicts_with = "spawn")]
     server: Option<SocketAddr>,
 
+    /// Senders stream to this server instead (127.0.0.1 only): an origin
+    /// that pushes its streams to the server under test (`--whip-push`), so
+    /// that receivers measure the edge of an origin → edge hop.
+    #[arg(long)]
+    sender_server: Option<SocketAddr>,
+
     /// Start this voice-relay binary on a free 127.0.0.1 port, and stop it at the end.
     #[arg(long)]
     spawn: Option<PathBuf>,
@@ -325,6 +331,11 @@ fn main() -> Result<()> {
         }
         (None, None) => bail!("give --spawn /path/to/voice-relay or --server 127.0.0.1:PORT"),
     };
+    if let Some(a) = args.sender_server {
+        if a.ip() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            bail!("refusing --sender-server {a}: only 127.0.0.1 may be used");
+        }
+    }
     let server_pid = spawned.as_ref().map(|s| s.child.id()).or(args.server_pid);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -364,6 +375,7 @@ async fn run(args: Args, addr: SocketAddr, server_pid: Option<u32>) -> Result<()
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx::new(
         addr,
+        args.sender_server.unwrap_or(addr),
         args.source_ips,
         cert,
         sender_worker.clone(),
@@ -454,7 +466,9 @@ async fn ramp(
         senders[0].stream_id,
         senders[0].offer_to_answer.as_secs_f64() * 1000.0
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Pushed from an origin, a stream reaches the server a moment later.
+    let listed = if args.sender_server.is_some() { 3 } else { 1 };
+    tokio::time::sleep(Duration::from_secs(listed)).await;
     let rss_base = server_pid.and_then(procstat::rss_kb);
 
     let steps: Vec<usize> = match args.receivers_per_stream {

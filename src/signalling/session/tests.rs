@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use str0m::change::SdpOffer as ClientOffer;
+use str0m::media::{Direction, MediaKind};
 use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::Limits;
 use crate::mp3::Mp3Config;
-use crate::relay::{RelayConfig, RelayHandle};
+use crate::relay::RelayHandle;
+use crate::whip_push::Pushes;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -27,22 +29,15 @@ fn limits() -> Limits {
 }
 
 fn relay() -> RelayHandle {
-    let (relay, _thread) = relay::start(RelayConfig {
-        bind: "127.0.0.1:0".parse().expect("addr"),
-        announce: vec!["127.0.0.1:9".parse().expect("addr")],
-        sender_idle: Duration::from_secs(60),
-        handshake_timeout: Duration::from_secs(60),
-        forward_threads: 1,
-        liveness: crate::liveness::Liveness::default(),
-    })
-    .expect("relay");
-    relay
+    relay::start_for_test()
 }
 
 fn server(limits: Limits) -> Arc<Signalling> {
+    let relay = relay();
     Arc::new(Signalling {
         registry: Arc::new(Registry::new()),
-        relay: relay(),
+        pushes: Pushes::new(relay.clone(), Vec::new(), None),
+        relay,
         mp3: Mp3Config::default(),
         limits,
         handshake_timeout: TIMEOUT,
