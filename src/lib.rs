@@ -7,6 +7,7 @@
 pub mod access;
 pub mod config;
 pub mod http;
+pub mod icecast;
 pub mod liveness;
 pub mod metrics;
 pub mod mp3;

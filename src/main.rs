@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
+use voice_relay::icecast;
 use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::options;
@@ -93,6 +94,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("binding the media socket udp/{rtc_bind}"))?;
 
     let registry = Arc::new(Registry::new());
+    let icecast = icecast::destinations(
+        &config.icecast,
+        config.icecast_password.as_ref(),
+        config.icecast_password_file.as_deref(),
+    )?;
     let signalling = Arc::new(Signalling {
         registry: registry.clone(),
         relay: relay.clone(),
@@ -151,6 +157,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         servers.spawn(async move { server.serve(audio_app).await });
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
     }
+
+    icecast::start(registry.clone(), icecast);
 
     // A thread the server needs died: shut down as on a signal, then exit
     // non-zero so that a supervisor restarts the server.

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub ogg_listeners_dropped_slow: IntCounter,
     pub limit_hits: IntCounterVec,
     pub errors: IntCounterVec,
+    pub icecast_pushes: IntGauge,
+    pub icecast_push_connects: IntCounter,
+    pub icecast_push_failures: IntCounterVec,
+    pub icecast_push_refused: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -126,6 +130,24 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "errors_total",
             "error messages sent to WebSocket clients, by code",
             "code",
+        )?,
+        icecast_pushes: gauge(
+            "icecast_pushes",
+            "Icecast source connections streaming now",
+        )?,
+        icecast_push_connects: counter(
+            "icecast_push_connects_total",
+            "Connection attempts of Icecast source pushes",
+        )?,
+        icecast_push_failures: counter_vec(
+            "icecast_push_failures_total",
+            "Icecast source connections that failed or broke, by reason",
+            "reason",
+        )?,
+        icecast_push_refused: counter_vec(
+            "icecast_push_refused_total",
+            "Icecast source connections refused, by HTTP status",
+            "status",
         )?,
         registry,
     })
