@@ -20,6 +20,7 @@ use super::backoff::Backoff;
 use super::target::{percent_encode, IcecastUrl, Password};
 use crate::metrics::metrics;
 use crate::mp3::{Fanout, Format};
+use crate::ogg_opus::FromPageZero;
 
 /// How long connecting, and then the response to the `PUT`, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -288,6 +289,7 @@ fn parse_status(buf: &[u8]) -> Result<Option<(u16, String)>, Failure> {
 /// stream ended; an error when the server went away or fell behind.
 async fn stream_to(socket: &mut TcpStream, fanout: &Fanout) -> Result<(), Failure> {
     let mut audio = Box::pin(fanout.subscribe().into_stream());
+    let mut ogg = (fanout.format() == Format::Ogg).then(FromPageZero::default);
     let (mut from_server, mut to_server) = socket.split();
     let mut scratch = [0u8; 256];
     let mut from_icecast = Vec::new();
@@ -296,7 +298,10 @@ async fn stream_to(socket: &mut TcpStream, fanout: &Fanout) -> Result<(), Failur
             item = audio.next() => match item {
                 None => return Ok(()),
                 Some(Err(_)) => return Err(Failure::TooSlow),
-                Some(Ok(bytes)) => {
+                Some(Ok(mut bytes)) => {
+                    if let Some(ogg) = &mut ogg {
+                        bytes = ogg.renumber(bytes);
+                    }
                     match tokio::time::timeout(WRITE_TIMEOUT, to_server.write_all(&bytes)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Err(Failure::Dropped(e.to_string())),

@@ -79,7 +79,7 @@ class Icecast:
   </paths>
   <logging>
     <accesslog>access.log</accesslog><errorlog>error.log</errorlog>
-    <loglevel>4</loglevel><logsize>100000</logsize>
+    <loglevel>3</loglevel><logsize>100000</logsize>
   </logging>
   <security><chroot>0</chroot></security>
 </icecast>

@@ -93,3 +93,115 @@ def test_stream_reaches_icecast_and_its_relay(server: RelayServer, icecast: Icec
     finally:
         if relay_ice is not None:
             relay_ice.cleanup()
+
+
+def test_push_resumes_after_icecast_restarts(server: RelayServer, icecast: Icecast) -> None:
+    """Icecast killed (SIGKILL) and restarted mid-stream: the push reconnects by itself and the
+    mount decodes again, while the relay's own MP3 listener and WebRTC receiver hear no gap."""
+
+    async def body(c: Clients) -> None:
+        snd = await c.sender(440)
+        mount = f"/{snd.stream_id}.mp3"
+        rx = await c.receiver(snd.stream_id, name="rx")
+        await rx.wait_audio(1.0)
+        await asyncio.to_thread(icecast.wait_mount, mount)
+        t0 = time.monotonic()
+        own_listener = asyncio.create_task(ffmpeg_capture(mp3_url(server, snd.stream_id), 9.0, timeout=40))
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(icecast.kill)
+        killed = time.monotonic()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(icecast.start)
+        restarted = time.monotonic()
+        await asyncio.to_thread(icecast.wait_mount, mount, 20.0)
+        print(f"mount live again {time.monotonic() - killed:.2f} s after the kill "
+              f"(Icecast answered again after {restarted - killed:.2f} s)")
+        await capture_tone(icecast.http + mount, 440, "icecast listener after the restart")
+        cap = await own_listener
+        assert_clean_tone(cap, 440, "the relay's MP3 listener across the restart", min_seconds=8.5)
+        elapsed = time.monotonic() - t0
+        frames = rx.sink.frames_since(t0)
+        assert frames >= 0.9 * 50 * elapsed, f"receiver: {frames} frames in {elapsed:.1f} s"
+        assert await metric(server, "voice_relay_icecast_push_connects_total") >= 2
+        assert await metric(server, 'voice_relay_icecast_push_failures_total{reason="dropped"}') >= 1
+        assert await metric(server, "voice_relay_icecast_pushes") == 1
+        assert "resumed=true" in server.log_text()
+
+    relay(server, body, timeout=90)
+
+
+def most_attempts(seconds: float) -> int:
+    """The most connection attempts the documented backoff allows in `seconds`: one at once, then
+    each after a wait of at least half of min(CAP, BASE * 2**n)."""
+    attempts, spent, n = 1, 0.0, 0
+    while True:
+        spent += min(BACKOFF_CAP, BACKOFF_BASE * 2**n) / 2
+        if spent > seconds:
+            return attempts
+        attempts, n = attempts + 1, n + 1
+
+
+@with_icecast("icecast://source:not-the-password@127.0.0.1:{port}/{{id}}.mp3")
+def test_wrong_password_is_logged_counted_and_backed_off(server: RelayServer, icecast: Icecast) -> None:
+    """Icecast answers 401: one warning names it (not one per attempt), the refusals are
+    counted by status, and the attempts over a fixed window stay within what the backoff
+    allows (a tight retry loop would make hundreds)."""
+
+    async def body(c: Clients) -> None:
+        t0 = time.monotonic()
+        snd = await c.sender(440)
+        mount = f"/{snd.stream_id}.mp3"
+        await asyncio.sleep(8.0)
+        attempts = await metric(server, "voice_relay_icecast_push_connects_total")
+        elapsed = time.monotonic() - t0
+        refused = await metric(server, 'voice_relay_icecast_push_refused_total{status="401"}')
+        puts = icecast.source_puts(mount)
+        bound = most_attempts(elapsed)
+        print(f"{attempts:.0f} attempts, {puts} PUTs in Icecast's access log, in {elapsed:.1f} s (bound {bound})")
+        assert 3 <= attempts <= bound, (attempts, bound)
+        assert refused >= attempts - 1, (refused, attempts)
+        assert 3 <= puts <= bound, (puts, bound)
+        assert mount not in await asyncio.to_thread(icecast.sources)
+        log = server.log_text()
+        warnings = [ln for ln in log.splitlines() if "refused the source: 401" in ln and " WARN " in ln]
+        assert len(warnings) == 1, warnings
+        assert "wrong user or password" in warnings[0]
+        assert "not-the-password" not in log
+
+    relay(server, body, timeout=60)
+
+
+@with_icecast(f"icecast://source:{SOURCE_PASSWORD}@127.0.0.1:{{port}}/live.ogg")
+def test_fixed_ogg_mount_carries_the_newest_stream(server: RelayServer, icecast: Icecast) -> None:
+    """A fixed `.ogg` mount gets Ogg/Opus that ffmpeg decodes; a newer stream takes the mount
+    over, the older one gets it back when the newer ends, and when the last stream ends the
+    source disconnects and the mount is gone."""
+    mount = "/live.ogg"
+
+    async def wait_source(name: str | None) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            src = (await asyncio.to_thread(icecast.sources)).get(mount)
+            if (src or {}).get("server_name") == name if name else src is None:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{mount} never carried {name}: {await asyncio.to_thread(icecast.sources)}\n"
+                             f"{icecast.log_tail(60)}")
+
+    async def body(c: Clients) -> None:
+        first = await c.sender(440)
+        await wait_source(first.stream_id)
+        src = (await asyncio.to_thread(icecast.sources))[mount]
+        assert src.get("server_type") == "audio/ogg", src
+        await capture_tone(icecast.http + mount, 440, "icecast Ogg listener")
+        second = await c.sender(660)
+        await wait_source(second.stream_id)
+        await capture_tone(icecast.http + mount, 660, "icecast Ogg listener, newest stream")
+        await second.stop_stream()
+        await wait_source(first.stream_id)
+        await capture_tone(icecast.http + mount, 440, "icecast Ogg listener, back to the older stream")
+        await first.stop_stream()
+        await wait_source(None)
+
+    relay(server, body, timeout=120)
+    assert "icecast source ended with the stream" in server.log_text()
