@@ -77,6 +77,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         listener_queue_batches: 16,
     };
     mp3.validate().context("invalid MP3 settings")?;
+    let icecast = icecast::destinations(
+        &config.icecast,
+        config.icecast_password.as_ref(),
+        config.icecast_password_file.as_deref(),
+    )?;
     let rtc_bind = config.rtc_bind();
     let announce: Vec<SocketAddr> = config
         .announce_ips()
@@ -94,11 +99,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("binding the media socket udp/{rtc_bind}"))?;
 
     let registry = Arc::new(Registry::new());
-    let icecast = icecast::destinations(
-        &config.icecast,
-        config.icecast_password.as_ref(),
-        config.icecast_password_file.as_deref(),
-    )?;
     let signalling = Arc::new(Signalling {
         registry: registry.clone(),
         relay: relay.clone(),

@@ -64,7 +64,7 @@ class Decoder:
     async def run(self, seconds: float) -> None:
         proc = await asyncio.create_subprocess_exec(
             "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer",
-            "-probesize", "4096", "-analyzeduration", "0", "-i", self.url,
+            "-i", self.url,
             "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-flush_packets", "1", "-",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
@@ -101,8 +101,35 @@ class Decoder:
                     below += 1
         return out
 
-    def decoded_seconds(self) -> float:
-        return sum(len(c) for c in self.chunks) / SAMPLE_RATE
+
+def burst_seconds(url: str, window: float = 2.0) -> tuple[float, float]:
+    """(time to the response head, seconds of 128 kbit/s audio received beyond real time
+    within `window` s of it): what a new listener gets at once."""
+    host_port, path = url.removeprefix("http://").split("/", 1)
+    host, port = host_port.split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {host_port}\r\n\r\n".encode())
+        s.settimeout(0.05)
+        buf, head_at, body = b"", None, 0
+        while head_at is None or time.monotonic() - head_at < window:
+            if time.monotonic() - t0 > 10:
+                break
+            try:
+                data = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            if head_at is None:
+                buf += data
+                if b"\r\n\r\n" in buf:
+                    head_at = time.monotonic()
+                    body += len(buf.split(b"\r\n\r\n", 1)[1])
+            else:
+                body += len(data)
+    head = (head_at or time.monotonic()) - t0
+    return head, body / MP3_BYTES_PER_SEC - window
 
 
 def stats(values: list[float]) -> str:
@@ -150,9 +177,10 @@ async def latency(args: argparse.Namespace, out: Path) -> None:
             print(f"  {'WebRTC receiver (aiortc)':32s} live edge: {stats(webrtc)}")
             for d in decoders:
                 lat = match_latencies(sent, [t for t in d.onsets() if t >= settled], 10.0)
-                burst = d.decoded_seconds() - (d.arrivals[-1] - d.first_byte) if d.first_byte else 0.0
-                print(f"  {d.name:32s} live edge: {stats(lat)}; started with ~{burst:.1f} s of burst "
-                      f"(a player plays that first: its latency = live edge + burst)")
+                head, burst = await asyncio.to_thread(burst_seconds, d.url)
+                print(f"  {d.name:32s} live edge: {stats(lat)}; a new listener: response head after "
+                      f"{head * 1000:.0f} ms, then {burst:.1f} s of audio at once (a player plays that "
+                      f"first: its latency = live edge + burst)")
     finally:
         if edge is not None:
             edge.cleanup()

@@ -176,3 +176,43 @@ impl Pushes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(list: &[&str]) -> Vec<IcecastUrl> {
+        list.iter().map(|u| u.parse().expect("url")).collect()
+    }
+
+    fn passwords(dests: &[Destination]) -> Vec<&str> {
+        dests.iter().map(|d| d.password.expose()).collect()
+    }
+
+    #[test]
+    fn the_urls_password_wins_then_the_flag_then_the_file() {
+        let dir = std::env::temp_dir().join(format!("icecast-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("pw");
+        std::fs::write(&file, "from file\r\nsecond line\n").expect("write");
+        let list = urls(&["icecast://source:inurl@h/a.mp3", "icecast://h/b.mp3"]);
+        let flag = Password::new("from flag");
+        let d = destinations(&list, Some(&flag), None).expect("ok");
+        assert_eq!(passwords(&d), ["inurl", "from flag"]);
+        let shown = format!("{d:?}");
+        assert!(!shown.contains("inurl") && !shown.contains("from flag"), "{shown}");
+        let d = destinations(&list, None, Some(&file)).expect("ok");
+        assert_eq!(passwords(&d), ["inurl", "from file"]);
+        let err = destinations(&list, None, None).expect_err("no password");
+        assert!(
+            err.to_string().contains("icecast://source@h:8000/b.mp3"),
+            "{err}"
+        );
+        let err = destinations(&list, None, Some(&dir.join("missing"))).expect_err("no file");
+        assert!(err.to_string().contains("--icecast-password-file"), "{err}");
+        // The file is not read when every URL has its password.
+        let own = urls(&["icecast://source:x@h/a.mp3"]);
+        assert!(destinations(&own, None, Some(&dir.join("missing"))).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -29,8 +29,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest response head we read.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
-/// Where one push goes and with which credentials.
-#[derive(Clone)]
+/// Where one push goes and with which credentials (`Debug` shows no
+/// password).
+#[derive(Clone, Debug)]
 pub struct Destination {
     pub url: Arc<IcecastUrl>,
     pub password: Password,
