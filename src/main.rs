@@ -81,6 +81,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         &config.icecast,
         config.icecast_password.as_ref(),
         config.icecast_password_file.as_deref(),
+        config.mp3_bitrate,
     )?;
     let rtc_bind = config.rtc_bind();
     let announce: Vec<SocketAddr> = config

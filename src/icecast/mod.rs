@@ -36,11 +36,13 @@ pub enum SetupError {
 }
 
 /// The targets with their passwords: the URL's own, else `password` (from
-/// `--icecast-password`), else the first line of `password_file`.
+/// `--icecast-password`), else the first line of `password_file`. MP3
+/// pushes announce `mp3_kbps`.
 pub fn destinations(
     urls: &[IcecastUrl],
     password: Option<&Password>,
     password_file: Option<&Path>,
+    mp3_kbps: u32,
 ) -> Result<Vec<Destination>, SetupError> {
     let from_file = match password_file {
         Some(path) if urls.iter().any(|u| u.password.is_none()) => {
@@ -63,6 +65,7 @@ pub fn destinations(
             Ok(Destination {
                 url: Arc::new(url.clone()),
                 password,
+                mp3_kbps,
             })
         })
         .collect()
@@ -197,22 +200,25 @@ mod tests {
         std::fs::write(&file, "from file\r\nsecond line\n").expect("write");
         let list = urls(&["icecast://source:inurl@h/a.mp3", "icecast://h/b.mp3"]);
         let flag = Password::new("from flag");
-        let d = destinations(&list, Some(&flag), None).expect("ok");
+        let d = destinations(&list, Some(&flag), None, 128).expect("ok");
         assert_eq!(passwords(&d), ["inurl", "from flag"]);
         let shown = format!("{d:?}");
-        assert!(!shown.contains("inurl") && !shown.contains("from flag"), "{shown}");
-        let d = destinations(&list, None, Some(&file)).expect("ok");
+        assert!(
+            !shown.contains("inurl") && !shown.contains("from flag"),
+            "{shown}"
+        );
+        let d = destinations(&list, None, Some(&file), 128).expect("ok");
         assert_eq!(passwords(&d), ["inurl", "from file"]);
-        let err = destinations(&list, None, None).expect_err("no password");
+        let err = destinations(&list, None, None, 128).expect_err("no password");
         assert!(
             err.to_string().contains("icecast://source@h:8000/b.mp3"),
             "{err}"
         );
-        let err = destinations(&list, None, Some(&dir.join("missing"))).expect_err("no file");
+        let err = destinations(&list, None, Some(&dir.join("missing")), 128).expect_err("no file");
         assert!(err.to_string().contains("--icecast-password-file"), "{err}");
         // The file is not read when every URL has its password.
         let own = urls(&["icecast://source:x@h/a.mp3"]);
-        assert!(destinations(&own, None, Some(&dir.join("missing"))).is_ok());
+        assert!(destinations(&own, None, Some(&dir.join("missing")), 128).is_ok());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

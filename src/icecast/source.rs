@@ -29,12 +29,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest response head we read.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
-/// Where one push goes and with which credentials (`Debug` shows no
-/// password).
+/// Where one push goes, with which credentials (`Debug` shows no
+/// password), and the MP3 bit rate it announces.
 #[derive(Clone, Debug)]
 pub struct Destination {
     pub url: Arc<IcecastUrl>,
     pub password: Password,
+    /// `--mp3-bitrate`: announced as `ice-bitrate` and in `ice-audio-info`
+    /// (Icecast shows them in its status and directory listings).
+    pub mp3_kbps: u32,
 }
 
 /// Why a connection ended other than with the stream.
@@ -223,11 +226,21 @@ async fn open_source(
 /// stream, written raw until the connection closes).
 fn put_head(dest: &Destination, mount: &str, stream: &str, format: Format) -> String {
     let name = header_text(stream);
+    // Icecast reads an Ogg stream's parameters from the stream itself.
+    let audio_info = match format {
+        Format::Mp3 => format!(
+            "ice-bitrate: {kbps}\r\n\
+             ice-audio-info: ice-samplerate={rate};ice-bitrate={kbps};ice-channels=1\r\n",
+            kbps = dest.mp3_kbps,
+            rate = crate::mp3::SAMPLE_RATE,
+        ),
+        Format::Ogg => String::new(),
+    };
     format!(
         "PUT {mount} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\
          User-Agent: voice-relay/{version}\r\nContent-Type: {content_type}\r\n\
          ice-name: {name}\r\nice-description: voice-relay stream {name}\r\n\
-         ice-public: 0\r\nExpect: 100-continue\r\n\r\n",
+         ice-public: 0\r\n{audio_info}Expect: 100-continue\r\n\r\n",
         host = dest.url.authority(),
         auth = basic_auth(&dest.url.user, &dest.password),
         version = env!("CARGO_PKG_VERSION"),
@@ -409,6 +422,7 @@ mod tests {
         Destination {
             url: Arc::new(url),
             password,
+            mp3_kbps: 96,
         }
     }
 
@@ -421,11 +435,17 @@ mod tests {
         assert!(head.contains("Authorization: Basic c291cmNlOmhhY2ttZQ==\r\n"));
         assert!(head.contains("Content-Type: audio/mpeg\r\n"));
         assert!(head.contains("ice-name: s1X: y\r\n"), "no header injection");
-        assert!(head.contains("ice-public: 0\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(head.contains("ice-public: 0\r\n"));
+        assert!(head.contains("ice-bitrate: 96\r\n"));
+        assert!(
+            head.contains("ice-audio-info: ice-samplerate=48000;ice-bitrate=96;ice-channels=1\r\n")
+        );
+        assert!(head.ends_with("Expect: 100-continue\r\n\r\n"));
         assert!(!head.to_ascii_lowercase().contains("transfer-encoding"));
         assert!(!head.to_ascii_lowercase().contains("content-length"));
         let ogg = put_head(&d, "/s1.ogg", "s1", Format::Ogg);
         assert!(ogg.contains("Content-Type: audio/ogg\r\n"));
+        assert!(!ogg.contains("ice-bitrate"));
     }
 
     #[test]

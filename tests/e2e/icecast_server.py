@@ -32,11 +32,12 @@ def _as_unprivileged() -> list[str]:
 
 class Icecast:
     def __init__(self, burst_size: int = 65536, relay_of: tuple[int, str] | None = None,
-                 source_password: str = SOURCE_PASSWORD):
+                 source_password: str = SOURCE_PASSWORD, extra_xml: str = ""):
         self.port = free_port()
         self.burst_size = burst_size
         self.relay_of = relay_of
         self.source_password = source_password
+        self.extra_xml = extra_xml
         # Not under pytest's tmp_path: that is private to root, and icecast runs as nobody.
         self.dir = Path(tempfile.mkdtemp(prefix="icecast-"))
         self.dir.chmod(0o777)
@@ -71,6 +72,7 @@ class Icecast:
   <hostname>127.0.0.1</hostname>
   <listen-socket><port>{self.port}</port><bind-address>127.0.0.1</bind-address></listen-socket>
   {relay}
+  {self.extra_xml}
   <fileserve>1</fileserve>
   <paths>
     <basedir>{self.dir}</basedir><logdir>{self.dir}</logdir>
