@@ -13,6 +13,7 @@ from typing import Iterator
 import pytest
 
 from clients import Clients, http
+from whip_clients import WhipPublisher
 from conftest import _finish, _start
 from icecast_server import SOURCE_PASSWORD, Icecast
 from relay_server import RelayServer
@@ -128,6 +129,35 @@ def test_push_resumes_after_icecast_restarts(server: RelayServer, icecast: Iceca
         assert "resumed=true" in server.log_text()
 
     relay(server, body, timeout=90)
+
+
+def test_stream_end_disconnects_and_a_restart_pushes_again(server: RelayServer, icecast: Icecast) -> None:
+    """A WHIP stream named `lobby` gets the mount /lobby.mp3; DELETE ends the stream and the
+    source leaves Icecast (the mount is gone); the same name published again is pushed again."""
+    mount = "/lobby.mp3"
+
+    async def mount_gone() -> None:
+        deadline = time.monotonic() + 10
+        while mount in await asyncio.to_thread(icecast.sources):
+            assert time.monotonic() < deadline, f"{mount} still live after the stream ended"
+            await asyncio.sleep(0.1)
+
+    async def body(c: Clients) -> None:
+        for freq in (523, 660):
+            pub = c.track(WhipPublisher(server.http, "/whip/lobby", freq))
+            await pub.start()
+            assert pub.stream_id == "lobby"
+            src = await asyncio.to_thread(icecast.wait_mount, mount)
+            assert src.get("server_name") == "lobby", src
+            await capture_tone(icecast.http + mount, freq, f"icecast listener ({freq} Hz)")
+            assert (await pub.delete()).status == 200
+            await pub.close()
+            await mount_gone()
+        assert await metric(server, "voice_relay_icecast_push_failures_total") == 0
+        assert await metric(server, "voice_relay_icecast_pushes") == 0
+
+    relay(server, body, timeout=90)
+    assert server.log_text().count("icecast source ended with the stream") == 2
 
 
 def most_attempts(seconds: float) -> int:
