@@ -14,6 +14,7 @@ use clap::{ArgMatches, FromArgMatches};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, LOG_LEVELS};
+use crate::icecast::{IcecastUrl, Password};
 use crate::proxy::ProxyNet;
 
 /// Where the Home Assistant Supervisor puts an add-on's options.
@@ -119,6 +120,8 @@ pub struct AddonOptions {
     pub listen_token: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub trusted_proxies: Option<Vec<ProxyNet>>,
+    pub icecast: Option<Vec<IcecastUrl>>,
+    pub icecast_password: Option<String>,
     pub mp3_bitrate: Option<u32>,
     pub mp3_burst_ms: Option<u32>,
     pub max_streams: Option<usize>,
@@ -171,6 +174,10 @@ impl AddonOptions {
                 }
                 "trusted_proxies" => {
                     o.trusted_proxies = Some(check("trusted_proxies", list(v, proxy_net))?)
+                }
+                "icecast" => o.icecast = Some(check("icecast", list(v, icecast_url))?),
+                "icecast_password" => {
+                    o.icecast_password = check("icecast_password", secret(v))?.filter_empty()
                 }
                 "mp3_bitrate" => o.mp3_bitrate = Some(check("mp3_bitrate", bitrate(v))?),
                 "mp3_burst_ms" => {
@@ -273,6 +280,17 @@ impl AddonOptions {
             &mut config.trusted_proxy,
             proxies,
         );
+        let icecast = self.icecast;
+        fill(explicit, "icecast", &mut config.icecast, icecast);
+        if !explicit("icecast_password_file") {
+            let password = self.icecast_password.map(Password::new);
+            fill_some(
+                explicit,
+                "icecast_password",
+                &mut config.icecast_password,
+                password,
+            );
+        }
         if !explicit("token_file") {
             fill_some(explicit, "token", &mut config.token, self.token);
         }
@@ -435,6 +453,14 @@ fn proxy_net(v: &Value) -> Result<ProxyNet, String> {
         .map_err(|e| format!("must be an address or ADDR/PREFIX, got {}: {e}", shown(v)))
 }
 
+/// An `--icecast` URL: an error never shows the value (it may hold a
+/// password).
+fn icecast_url(v: &Value) -> Result<IcecastUrl, String> {
+    secret(v)?.parse().map_err(|e| {
+        format!("must be an icecast://[USER[:PASSWORD]@]HOST[:PORT]/MOUNT URL; this one {e}")
+    })
+}
+
 fn list<T>(v: &Value, item: fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
     let Value::Array(items) = v else {
         return Err(format!("must be a list, got {}", shown(v)));
@@ -516,7 +542,8 @@ mod tests {
                 "send_token": "s", "listen_token": "l", "mp3_burst_ms": 1500,
                 "max_receivers_per_stream": 11, "max_receivers": 12,
                 "max_listeners_per_stream": 13, "max_listeners": 14,
-                "max_connections_per_ip": 15, "max_messages_per_sec": 16}"#,
+                "max_connections_per_ip": 15, "max_messages_per_sec": 16,
+                "icecast": ["icecast://ice.lan/{id}.mp3"], "icecast_password": "ip"}"#,
             &dir,
         )
         .unwrap();
@@ -536,6 +563,36 @@ mod tests {
         ];
         assert_eq!(limits, [11, 12, 13, 14, 15]);
         assert_eq!(c.max_messages_per_sec, 16);
+        assert_eq!(c.icecast.len(), 1);
+        assert_eq!(c.icecast[0].mount_for("s"), "/s.mp3");
+        assert_eq!(c.icecast_password, Some(Password::new("ip")));
+    }
+
+    #[test]
+    fn a_bad_icecast_url_is_refused_without_showing_it() {
+        let dir = tmp("icecast");
+        let err = configured(
+            &[],
+            r#"{"icecast": ["http://source:sekrit@h/x.mp3"]}"#,
+            &dir,
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains("\"icecast\"") && err.contains("icecast://"),
+            "{err}"
+        );
+        assert!(!err.contains("sekrit"), "{err}");
+        // A password file given as a flag wins over the option's password.
+        let file = dir.join("pw");
+        std::fs::write(&file, "f").unwrap();
+        let flag = file.to_str().unwrap();
+        let c = configured(
+            &["--icecast-password-file", flag],
+            r#"{"icecast_password": "ip"}"#,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.icecast_password, None);
     }
 
     #[test]
