@@ -2,7 +2,8 @@
 //!
 //! Arrows point one way: `signalling` and `http` talk to the `registry`; the
 //! `relay` owns the UDP socket and the peers; `mp3` turns a stream into MP3
-//! frames for HTTP listeners.
+//! frames for HTTP listeners; `icecast` pushes streams to Icecast servers,
+//! each push a listener of the stream like an HTTP one.
 
 pub mod access;
 pub mod config;

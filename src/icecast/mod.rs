@@ -20,7 +20,6 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
-pub use backoff::{BASE as BACKOFF_BASE, CAP as BACKOFF_CAP};
 pub use target::{IcecastUrl, Password, UrlError};
 
 use crate::registry::{Registry, StreamEvent};

@@ -152,16 +152,33 @@ async fn connect_and_stream(
     if format == Format::Mp3 {
         tokio::spawn(set_title(dest.clone(), mount.to_owned(), stream.to_owned()));
     }
-    metrics().icecast_pushes.inc();
+    let streaming = Streaming::counted();
     let since = Instant::now();
     let result = stream_to(&mut socket, fanout).await;
-    metrics().icecast_pushes.dec();
+    drop(streaming);
     match result {
         Ok(()) => {
             let _ = socket.shutdown().await;
             Ended::Stream
         }
         Err(failure) => Ended::Failed(failure, since.elapsed()),
+    }
+}
+
+/// Counts a connection in `voice_relay_icecast_pushes` while it streams,
+/// also when its task is aborted (another stream took the mount).
+struct Streaming;
+
+impl Streaming {
+    fn counted() -> Self {
+        metrics().icecast_pushes.inc();
+        Streaming
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        metrics().icecast_pushes.dec();
     }
 }
 

@@ -230,6 +230,7 @@ def test_fixed_ogg_mount_carries_the_newest_stream(server: RelayServer, icecast:
         await second.stop_stream()
         await wait_source(first.stream_id)
         await capture_tone(icecast.http + mount, 440, "icecast Ogg listener, back to the older stream")
+        assert await metric(server, "voice_relay_icecast_pushes") == 1, "aborted pushes are not counted"
         await first.stop_stream()
         await wait_source(None)
 
