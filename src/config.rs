@@ -10,6 +10,7 @@ use clap::Parser;
 
 use crate::access::Access;
 use crate::ice_servers::{IceServer, IceServers};
+use crate::icecast::{IcecastUrl, Password};
 use crate::proxy::{ProxyNet, TrustedProxies};
 use crate::whip_push::PushTarget;
 
@@ -237,6 +238,31 @@ pub struct Config {
     /// Milliseconds of recent MP3 audio sent at once to a new listener.
     #[arg(long, env = "VOICE_RELAY_MP3_BURST_MS", default_value_t = 1000)]
     pub mp3_burst_ms: u32,
+
+    /// Push every stream to an Icecast 2.4 server as a source (repeatable;
+    /// comma separated in the environment variable), e.g.
+    /// `icecast://source:PASS@HOST:8000/{id}.mp3`: `{id}` is the stream id; a
+    /// mount without it (`/live.mp3`) carries the newest stream; a mount
+    /// ending in `.ogg` gets Ogg/Opus, any other MP3.
+    #[arg(
+        long = "icecast",
+        env = "VOICE_RELAY_ICECAST",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub icecast: Vec<IcecastUrl>,
+
+    /// Icecast source password for --icecast URLs that have none.
+    #[arg(long, env = "VOICE_RELAY_ICECAST_PASSWORD", hide_env_values = true)]
+    pub icecast_password: Option<Password>,
+
+    /// Read the Icecast source password from this file (first line).
+    #[arg(
+        long,
+        env = "VOICE_RELAY_ICECAST_PASSWORD_FILE",
+        conflicts_with = "icecast_password"
+    )]
+    pub icecast_password_file: Option<PathBuf>,
 
     /// How long `/stream/latest.mp3` waits for a stream to start when none is
     /// live, in milliseconds (a request may ask for less or more with

@@ -14,6 +14,7 @@ use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::{Action, Config};
 use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
 use voice_relay::ice_servers::IceServers;
+use voice_relay::icecast;
 use voice_relay::liveness::Liveness;
 use voice_relay::mp3::Mp3Config;
 use voice_relay::options;
@@ -88,6 +89,12 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
         listener_queue_batches: 16,
     };
     mp3.validate().context("invalid MP3 settings")?;
+    let icecast = icecast::destinations(
+        &config.icecast,
+        config.icecast_password.as_ref(),
+        config.icecast_password_file.as_deref(),
+        config.mp3_bitrate,
+    )?;
     let rtc_bind = config.rtc_bind();
     let announce: Vec<SocketAddr> = config
         .announce_ips()
@@ -171,6 +178,8 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
         servers.spawn(async move { server.serve(audio_app).await });
         tracing::info!(listen = %addr, "plain-HTTP audio listener ready (MP3, status, health)");
     }
+
+    icecast::start(registry.clone(), icecast);
 
     // A thread the server needs died: shut down as on a signal, then exit
     // non-zero so that a supervisor restarts the server.

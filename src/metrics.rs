@@ -35,6 +35,10 @@ pub struct Metrics {
     pub whip_push_attempts: IntCounter,
     pub whip_push_failures: IntCounterVec,
     pub whip_push_live: IntGauge,
+    pub icecast_pushes: IntGauge,
+    pub icecast_push_connects: IntCounter,
+    pub icecast_push_failures: IntCounterVec,
+    pub icecast_push_refused: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -140,6 +144,24 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "reason",
         )?,
         whip_push_live: gauge("whip_push_live", "WHIP pushes connected now")?,
+        icecast_pushes: gauge(
+            "icecast_pushes",
+            "Icecast source connections streaming now",
+        )?,
+        icecast_push_connects: counter(
+            "icecast_push_connects_total",
+            "Connection attempts of Icecast source pushes",
+        )?,
+        icecast_push_failures: counter_vec(
+            "icecast_push_failures_total",
+            "Icecast source connections that failed or broke, by reason",
+            "reason",
+        )?,
+        icecast_push_refused: counter_vec(
+            "icecast_push_refused_total",
+            "Icecast source connections refused, by HTTP status",
+            "status",
+        )?,
         registry,
     })
 }

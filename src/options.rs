@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, LOG_LEVELS};
 use crate::ice_servers::IceServer;
+use crate::icecast::{IcecastUrl, Password};
 use crate::proxy::ProxyNet;
 use crate::whip_push::PushTarget;
 
@@ -124,6 +125,8 @@ pub struct AddonOptions {
     /// `--ice-server` specs, each checked (credentials included) when read.
     pub ice_servers: Option<Vec<String>>,
     pub ice_credential_ttl: Option<u64>,
+    pub icecast: Option<Vec<IcecastUrl>>,
+    pub icecast_password: Option<String>,
     pub mp3_bitrate: Option<u32>,
     pub mp3_burst_ms: Option<u32>,
     pub max_streams: Option<usize>,
@@ -183,6 +186,10 @@ impl AddonOptions {
                 "ice_credential_ttl" => {
                     o.ice_credential_ttl =
                         Some(check("ice_credential_ttl", integer(v, 60, 30 * 86400))?)
+                }
+                "icecast" => o.icecast = Some(check("icecast", list(v, icecast_url))?),
+                "icecast_password" => {
+                    o.icecast_password = check("icecast_password", secret(v))?.filter_empty()
                 }
                 "mp3_bitrate" => o.mp3_bitrate = Some(check("mp3_bitrate", bitrate(v))?),
                 "mp3_burst_ms" => {
@@ -292,6 +299,17 @@ impl AddonOptions {
             &mut config.trusted_proxy,
             proxies,
         );
+        let icecast = self.icecast;
+        fill(explicit, "icecast", &mut config.icecast, icecast);
+        if !explicit("icecast_password_file") {
+            let password = self.icecast_password.map(Password::new);
+            fill_some(
+                explicit,
+                "icecast_password",
+                &mut config.icecast_password,
+                password,
+            );
+        }
         if !explicit("token_file") {
             fill_some(explicit, "token", &mut config.token, self.token);
         }
@@ -483,6 +501,14 @@ fn push_target(v: &Value) -> Result<PushTarget, String> {
         .map_err(|e| format!("must be an http:// WHIP URL, got {}: {e}", shown(v)))
 }
 
+/// An `--icecast` URL: an error never shows the value (it may hold a
+/// password).
+fn icecast_url(v: &Value) -> Result<IcecastUrl, String> {
+    secret(v)?.parse().map_err(|e| {
+        format!("must be an icecast://[USER[:PASSWORD]@]HOST[:PORT]/MOUNT URL; this one {e}")
+    })
+}
+
 fn list<T>(v: &Value, item: fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
     let Value::Array(items) = v else {
         return Err(format!("must be a list, got {}", shown(v)));
@@ -565,7 +591,8 @@ mod tests {
                 "max_receivers_per_stream": 11, "max_receivers": 12,
                 "max_listeners_per_stream": 13, "max_listeners": 14,
                 "max_connections_per_ip": 15, "max_messages_per_sec": 16,
-                "whip_push": ["http://edge.lan:8080/whip/{id}"], "whip_push_token": "w"}"#,
+                "whip_push": ["http://edge.lan:8080/whip/{id}"], "whip_push_token": "w",
+                "icecast": ["icecast://ice.lan/{id}.mp3"], "icecast_password": "ip"}"#,
             &dir,
         )
         .unwrap();
@@ -590,6 +617,9 @@ mod tests {
             "http://edge.lan:8080/whip/s"
         );
         assert_eq!(c.whip_push_token().unwrap().as_deref(), Some("w"));
+        assert_eq!(c.icecast.len(), 1);
+        assert_eq!(c.icecast[0].mount_for("s"), "/s.mp3");
+        assert_eq!(c.icecast_password, Some(Password::new("ip")));
     }
 
     #[test]
@@ -622,6 +652,33 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_icecast_url_is_refused_without_showing_it() {
+        let dir = tmp("icecast");
+        let err = configured(
+            &[],
+            r#"{"icecast": ["http://source:sekrit@h/x.mp3"]}"#,
+            &dir,
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains("\"icecast\"") && err.contains("icecast://"),
+            "{err}"
+        );
+        assert!(!err.contains("sekrit"), "{err}");
+        // A password file given as a flag wins over the option's password.
+        let file = dir.join("pw");
+        std::fs::write(&file, "f").unwrap();
+        let flag = file.to_str().unwrap();
+        let c = configured(
+            &["--icecast-password-file", flag],
+            r#"{"icecast_password": "ip"}"#,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.icecast_password, None);
     }
 
     #[test]

@@ -56,6 +56,32 @@ pub fn start(stream_id: &str, config: &Mp3Config) -> std::io::Result<(PacketSink
     Ok((PacketSink::new(tx, counters), fanout))
 }
 
+/// One listener's pages renumbered so that its first page (its OpusHead)
+/// is page 0, as at the start of a file. Listeners joining mid-stream get
+/// header pages numbered just before their first audio page, which players
+/// take; Icecast's Ogg parser instead reads a first page above 0 as a lost
+/// page and refuses the stream ("Seen BOS page with unknown type").
+#[derive(Debug, Default)]
+pub struct FromPageZero {
+    /// The first page's sequence number, once seen.
+    by: Option<u32>,
+}
+
+impl FromPageZero {
+    /// `pages` (whole pages, as the fan-out hands them out) renumbered.
+    pub fn renumber(&mut self, pages: Bytes) -> Bytes {
+        let by = *self
+            .by
+            .get_or_insert_with(|| page::page_seq(&pages).unwrap_or(0));
+        if by == 0 {
+            return pages;
+        }
+        let mut out = pages.to_vec();
+        page::renumber(&mut out, by);
+        Bytes::from(out)
+    }
+}
+
 /// A listener's header pages, numbered to precede `first`, the first audio
 /// page it gets.
 fn preamble(serial: u32) -> Preamble {

@@ -64,6 +64,35 @@ pub fn page_seq(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(seq))
 }
 
+/// Lowers the sequence number of every page in `pages` (a run of whole
+/// pages) by `by`, redoing each checksum. `false` (and the pages from the
+/// first bad one left as they were) if `pages` is not a run of whole pages.
+pub fn renumber(pages: &mut [u8], by: u32) -> bool {
+    let mut at = 0;
+    while at < pages.len() {
+        let Some(len) = page_len(&pages[at..]) else {
+            return false;
+        };
+        let page = &mut pages[at..at + len];
+        let seq = page_seq(page).unwrap_or(0).wrapping_sub(by);
+        page[SEQ_AT..SEQ_AT + 4].copy_from_slice(&seq.to_le_bytes());
+        page[CRC_AT..CRC_AT + 4].fill(0);
+        let crc = crc32(page);
+        page[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        at += len;
+    }
+    true
+}
+
+/// The length of the whole page at the start of `bytes`, if there is one.
+fn page_len(bytes: &[u8]) -> Option<usize> {
+    page_seq(bytes)?;
+    let segments = bytes[FIXED_HEADER - 1] as usize;
+    let lacing = bytes.get(FIXED_HEADER..FIXED_HEADER + segments)?;
+    let len = FIXED_HEADER + segments + lacing.iter().map(|&l| l as usize).sum::<usize>();
+    (len <= bytes.len()).then_some(len)
+}
+
 /// The Ogg checksum: CRC-32, polynomial 0x04c11db7, not reflected, initial
 /// value and final xor 0.
 fn crc32(bytes: &[u8]) -> u32 {
@@ -130,6 +159,31 @@ mod tests {
             assert_eq!(rebuilt(&page), page);
         }
         assert_eq!(page_seq(&hex(FFMPEG_TAGS_PAGE)), Some(1));
+    }
+
+    #[test]
+    fn renumbering_a_run_of_pages_equals_writing_them_lower() {
+        let write = |seqs: &[u32]| {
+            let mut out = Vec::new();
+            for (i, &seq) in seqs.iter().enumerate() {
+                let header = PageHeader {
+                    flags: 0,
+                    granule: 960 * i as u64,
+                    serial: 9,
+                    seq,
+                };
+                write_page(&mut out, header, &[&vec![i as u8; 300 * i], b"x"]);
+            }
+            out
+        };
+        let mut pages = write(&[7, 8, 9]);
+        assert!(renumber(&mut pages, 7));
+        assert_eq!(pages, write(&[0, 1, 2]));
+        let mut cut = write(&[7, 8]);
+        cut.pop();
+        assert!(!renumber(&mut cut, 7), "a partial page");
+        assert_eq!(page_seq(&cut), Some(0), "whole pages before it renumbered");
+        assert!(!renumber(&mut b"not a page".to_vec(), 1));
     }
 
     #[test]

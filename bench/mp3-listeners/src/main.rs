@@ -95,6 +95,15 @@ struct Args {
     /// Real-time ratio a clean listener reaches in the window.
     #[arg(long, default_value_t = 0.99)]
     clean_ratio: f64,
+    /// The URL is not voice-relay's (e.g. an Icecast mount fed by its push):
+    /// do not ask the URL's server for /health (no live-stream check, no
+    /// server listener count, a fixed pause after closing a step's listeners).
+    #[arg(long)]
+    no_health: bool,
+    /// The server starts each listener at any byte, not at a frame (Icecast):
+    /// the bytes before the first frame are skipped, not counted as broken.
+    #[arg(long)]
+    unsynced_start: bool,
     /// Largest gap between reads a clean listener has in the window.
     #[arg(long, default_value_t = 500.0)]
     clean_gap_ms: f64,
@@ -314,6 +323,9 @@ fn main() {
 fn run(args: Args) -> Result<(), String> {
     let run_start = Instant::now();
     let target = parse_url(&args.url)?;
+    if args.unsynced_start {
+        mp3::allow_unsynced_start();
+    }
     let format = args.format;
     if !target.path.ends_with(format.extension()) {
         return Err(format!(
@@ -379,12 +391,17 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     // Baseline: the stream must be live.
-    let health0 = get_json(target.port, "/health")
-        .ok_or("cannot GET /health on the server (is it running?)")?;
-    if health0
-        .get("active_streams")
-        .and_then(Value::as_array)
-        .is_none_or(|a| a.is_empty())
+    let health0 = if args.no_health {
+        json!({"not asked": "--no-health"})
+    } else {
+        get_json(target.port, "/health")
+            .ok_or("cannot GET /health on the server (is it running?)")?
+    };
+    if !args.no_health
+        && health0
+            .get("active_streams")
+            .and_then(Value::as_array)
+            .is_none_or(|a| a.is_empty())
     {
         return Err(format!("no live stream on the server: {health0}"));
     }
@@ -528,7 +545,11 @@ fn run(args: Args) -> Result<(), String> {
         });
         let port = target.port;
         let health_delay = Duration::from_secs_f64((args.measure_secs - 1.5).max(0.0));
+        let ask_health = !args.no_health;
         let health_thread = std::thread::spawn(move || {
+            if !ask_health {
+                return (None, Duration::ZERO);
+            }
             std::thread::sleep(health_delay);
             let t = Instant::now();
             let h = get_json(port, "/health");
@@ -696,7 +717,7 @@ fn run(args: Args) -> Result<(), String> {
         if args.mode == Mode::Fresh {
             pool.close_all();
             // Let the server notice before the next step.
-            let until = Instant::now() + Duration::from_secs(20);
+            let until = Instant::now() + Duration::from_secs(if args.no_health { 0 } else { 20 });
             while Instant::now() < until {
                 if get_json(target.port, "/health")
                     .as_ref()

@@ -51,7 +51,7 @@ pub enum Media {
 impl Media {
     pub fn new(format: Format) -> Self {
         match format {
-            Format::Mp3 => Media::Mp3(Mp3Parser::default()),
+            Format::Mp3 => Media::Mp3(Mp3Parser::for_listener()),
             Format::Ogg => Media::Ogg(OggParser::default()),
         }
     }

@@ -3,6 +3,18 @@
 //! audio time they carry. A header that does not parse where one is expected
 //! marks the stream broken; the parser then resynchronises byte by byte.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether new parsers expect bytes before the first frame
+/// (`--unsynced-start`; see [`Mp3Parser::unsynced`]).
+static UNSYNCED_START: AtomicBool = AtomicBool::new(false);
+
+/// Makes every parser made by [`Mp3Parser::for_listener`] from now on
+/// [`unsynced`](Mp3Parser::unsynced). Set once, before listeners connect.
+pub fn allow_unsynced_start() {
+    UNSYNCED_START.store(true, Ordering::Relaxed);
+}
+
 /// What one 4-byte frame header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -109,6 +121,8 @@ pub struct Mp3Parser {
     have: u8,
     skip: u32,
     started: bool,
+    /// Bytes before the first frame are expected, not a bad header.
+    unsynced_start: bool,
     cur_ns: u32,
     /// Whole frames seen.
     pub frames: u64,
@@ -128,6 +142,7 @@ impl Default for Mp3Parser {
             have: 0,
             skip: 0,
             started: false,
+            unsynced_start: false,
             cur_ns: 0,
             frames: 0,
             audio_ns: 0,
@@ -138,6 +153,26 @@ impl Default for Mp3Parser {
 }
 
 impl Mp3Parser {
+    /// A listener's parser, as `--unsynced-start` says.
+    pub fn for_listener() -> Self {
+        if UNSYNCED_START.load(Ordering::Relaxed) {
+            Self::unsynced()
+        } else {
+            Self::default()
+        }
+    }
+
+    /// For servers that start each listener at any byte (Icecast begins a
+    /// listener's burst at one of its buffers, not at a frame): bytes until
+    /// a header that the next header confirms are skipped, not counted as a
+    /// bad header.
+    pub fn unsynced() -> Self {
+        Self {
+            unsynced_start: true,
+            ..Self::default()
+        }
+    }
+
     /// Feeds body bytes; returns how many frames completed in them.
     pub fn feed(&mut self, mut data: &[u8]) -> u32 {
         let mut done = 0;
@@ -181,7 +216,14 @@ impl Mp3Parser {
 
     fn on_header(&mut self) {
         if let Some(h) = parse_header(self.hdr) {
+            // A header where one was expected: in sync.
+            self.started = true;
             self.start_frame(h);
+            return;
+        }
+        if !self.started && self.unsynced_start {
+            // Not in sync yet (or a false sync before): look on.
+            self.phase = Phase::Resync;
             return;
         }
         if !self.started && &self.hdr[..3] == b"ID3" {
@@ -197,7 +239,6 @@ impl Mp3Parser {
     }
 
     fn start_frame(&mut self, h: FrameHeader) {
-        self.started = true;
         self.cur_ns = h.duration_ns() as u32;
         self.skip = (h.len - 4) as u32;
         self.phase = Phase::Payload;
@@ -291,5 +332,22 @@ mod tests {
         let mut p = Mp3Parser::default();
         p.feed(b"<html>");
         assert_eq!(p.bad_headers, 1);
+    }
+
+    #[test]
+    fn a_midframe_start_is_fine_when_allowed_but_later_garbage_is_not() {
+        let mut body = frame(H128)[100..].to_vec(); // starts inside a frame
+        body.extend(frame(H128));
+        body.extend(frame(H128));
+        let mut p = Mp3Parser::unsynced();
+        p.feed(&body);
+        assert_eq!(p.bad_headers, 0);
+        assert!(p.frames >= 1);
+        p.feed(&[1, 2, 3, 4, 5]);
+        p.feed(&frame(H128));
+        assert_eq!(p.bad_headers, 1, "once in sync, garbage is a bad header");
+        let mut strict = Mp3Parser::default();
+        strict.feed(&frame(H128)[100..]);
+        assert_eq!(strict.bad_headers, 1);
     }
 }
