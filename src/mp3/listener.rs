@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use super::ring::{Join, Ring, Shared, Supply};
+use super::ring::{Join, Ring, Shared};
 
 /// Counts the listener in its ring while it lives.
 struct ListenerGuard(Arc<Ring>);
@@ -44,15 +44,16 @@ enum Step {
     Lagged(u64),
 }
 
-/// A listener's burst from batch `start` to the newest (its preamble
-/// first, if its format has one), and whether the preamble is still owed.
-fn burst_from(ring: &Ring, s: &Shared, start: u64) -> (Bytes, bool) {
+/// A listener's burst: batches `start..end` (its preamble first, if its
+/// format has one), and whether the preamble is still owed.
+fn burst_from(ring: &Ring, s: &Shared, start: u64, end: u64) -> (Bytes, bool) {
+    let (from, to) = ((start - s.first_seq) as usize, (end - s.first_seq) as usize);
     let mut burst = BytesMut::new();
-    let first = s.ring.get((start - s.first_seq) as usize);
+    let first = s.ring.get(from).filter(|_| from < to);
     if let Some(preamble) = first.and_then(|b| ring.preamble_for(b)) {
         burst.extend_from_slice(&preamble);
     }
-    for b in s.ring.range((start - s.first_seq) as usize..) {
+    for b in s.ring.range(from..to) {
         burst.extend_from_slice(&b.data);
     }
     (burst.freeze(), first.is_none() && ring.preamble.is_some())
@@ -68,7 +69,7 @@ impl Listener {
         let join = ring.join(&mut s);
         let (burst, needs_preamble, pending, start) = match join {
             Join::At(at) => {
-                let (burst, owed) = burst_from(ring, &s, at);
+                let (burst, owed) = burst_from(ring, &s, at, s.end_seq());
                 (burst, owed, false, false)
             }
             Join::Pending { start } => (Bytes::new(), false, true, start),
@@ -97,13 +98,16 @@ impl Listener {
         let s = ring.lock();
         let end = s.end_seq();
         if self.pending {
-            if s.supply != Supply::Running {
-                return if s.closed { Step::End } else { Step::Wait };
-            }
+            let Some((start, warm_end)) = s.pending_start() else {
+                return Step::Wait;
+            };
             self.pending = false;
-            let (burst, owed) = burst_from(ring, &s, s.burst_start(ring.burst));
+            if start < s.first_seq {
+                return Step::Lagged(end - start);
+            }
+            let (burst, owed) = burst_from(ring, &s, start, warm_end);
             self.needs_preamble = owed;
-            self.next = end;
+            self.next = warm_end;
             if !burst.is_empty() {
                 return Step::Send(burst);
             }

@@ -43,6 +43,10 @@ pub(super) struct Shared {
     /// Sequence number of the batch that starts with the stream's first
     /// packet, while the stream is young enough for a burst from its start.
     start_seq: Option<u64>,
+    /// Where the listeners that joined while the ring was warming start,
+    /// and the end of the ring then: their burst, taken from the
+    /// pipeline's first publish however late they read it.
+    pub(super) warm: (u64, u64),
 }
 
 /// Whether a pipeline fills a ring.
@@ -83,6 +87,18 @@ impl Shared {
     /// Sequence number the next published batch gets.
     pub(super) fn end_seq(&self) -> u64 {
         self.first_seq + self.ring.len() as u64
+    }
+
+    /// Where a listener that joined while the ring was warming starts, and
+    /// the end its allowance counts from: the burst of the pipeline's first
+    /// publish once the ring runs (however late the listener reads); nothing
+    /// once the ring closed without running; `None` while it still warms.
+    pub(super) fn pending_start(&self) -> Option<(u64, u64)> {
+        match self.supply {
+            Supply::Running => Some(self.warm),
+            _ if self.closed => Some((self.end_seq(), self.end_seq())),
+            _ => None,
+        }
     }
 
     /// Batches (from the newest back) that make up the burst: enough for
@@ -180,6 +196,7 @@ impl Ring {
                 closed: false,
                 supply,
                 start_seq: None,
+                warm: (0, 0),
             }),
             wake: Condvar::new(),
             published: watch::Sender::new(0),
@@ -240,6 +257,7 @@ impl Ring {
             s.push(batch);
         }
         s.trim(self.burst, self.queue_batches);
+        s.warm = (s.burst_start(self.burst), s.end_seq());
         self.published(s, frames);
     }
 

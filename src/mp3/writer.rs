@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 
 use super::batch::Batch;
-use super::ring::{Join, Ring, Supply};
+use super::ring::{Join, Ring};
 use crate::sync::{lock, wait, wait_timeout};
 
 /// Retry interval for sockets that could not take everything, when no new
@@ -206,6 +206,17 @@ enum WriteOutcome {
     Gone,
 }
 
+/// What one write pass works from.
+struct Pass {
+    /// Sequence number of the first batch copied.
+    first_seq: u64,
+    /// The stream has ended.
+    closed: bool,
+    /// Where listeners that joined while the ring warmed start, and the end
+    /// their allowance counts from, once known.
+    pending: Option<(u64, u64)>,
+}
+
 /// The writer thread's state.
 struct Thread {
     ring: Arc<Ring>,
@@ -235,9 +246,9 @@ fn run(ring: Arc<Ring>, inbox: Arc<Mutex<Inbox>>) {
         closed_seen: false,
         end_deadline: None,
     };
-    while let Some((first_seq, closed, burst_start)) = thread.wait_for_work() {
-        thread.write_pass(first_seq, closed, burst_start);
-        if closed {
+    while let Some(pass) = thread.wait_for_work() {
+        thread.write_pass(pass.first_seq, pass.closed, pass.pending);
+        if pass.closed {
             thread.cut_at_end();
         }
     }
@@ -249,9 +260,10 @@ impl Thread {
     /// Waits for a new batch, a new socket, the end, or (when blocked) the
     /// retry time; takes the new sockets and a copy of the ring. Returns
     /// the first sequence number, whether the stream has ended and where a
-    /// waiting listener's burst starts now (if it can), or `None` when the
+    /// listener that joined while the ring warmed starts (and the end its
+    /// allowance counts from), once that is known; or `None` when the
     /// thread is done (ended, every socket finished).
-    fn wait_for_work(&mut self) -> Option<(u64, bool, Option<u64>)> {
+    fn wait_for_work(&mut self) -> Option<Pass> {
         let mut s = self.ring.lock();
         loop {
             let arrived = !lock(&self.inbox).slots.is_empty();
@@ -279,27 +291,26 @@ impl Thread {
         self.seen_end = s.end_seq();
         self.batches.clear();
         self.batches.extend(s.ring.iter().cloned());
-        let burst_start = match s.supply {
-            Supply::Running => Some(s.burst_start(self.ring.burst)),
-            _ if s.closed => Some(s.end_seq()),
-            _ => None,
-        };
-        Some((s.first_seq, s.closed, burst_start))
+        Some(Pass {
+            first_seq: s.first_seq,
+            closed: s.closed,
+            pending: s.pending_start(),
+        })
     }
 
     /// Writes to every socket what it can take; finishes, cuts or drops
     /// sockets by their outcome.
-    fn write_pass(&mut self, first_seq: u64, closed: bool, burst_start: Option<u64>) {
+    fn write_pass(&mut self, first_seq: u64, closed: bool, pending: Option<(u64, u64)>) {
         let end_seq = first_seq + self.batches.len() as u64;
         self.blocked = false;
         let mut i = 0;
         while i < self.slots.len() {
             if self.slots[i].pending {
-                let Some(start) = burst_start else {
+                let Some((start, warm_end)) = pending else {
                     i += 1;
                     continue;
                 };
-                self.slots[i].place(start, end_seq, self.ring.queue_batches);
+                self.slots[i].place(start, warm_end, self.ring.queue_batches);
             }
             self.slots[i].take_preamble(&self.ring, &self.batches, first_seq);
             let outcome = write_slot(&mut self.slots[i], &self.batches, first_seq, end_seq);
