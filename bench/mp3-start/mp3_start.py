@@ -22,7 +22,9 @@ process's spawn, so their start-up counts too) to
               (afile) writes to a pipe (cvlc refuses to run as root: run as
               nobody when started as root)
 
-and the burst: the bytes a plain socket gets in the 50 ms after the first
+and, as a baseline for the machine's load, "ffmpeg-spawn": the same ffmpeg
+command on a local generated tone (lavfi), no network: what starting the
+process alone costs at that moment. And the burst: the bytes a plain socket gets in the 50 ms after the first
 body byte, and what that is in audio at the stream's bit rate.
 
 Network: it refuses to run unless the only interface is `lo` (run.sh runs
@@ -155,6 +157,12 @@ async def ffmpeg_sample(url: str, timeout: float) -> dict:
     return {"first_audio": await first_output(argv, 0, timeout)}
 
 
+async def ffmpeg_spawn_sample(timeout: float) -> dict:
+    argv = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+            "sine=f=440:d=1:r=48000", "-f", "s16le", "-ac", "1", "-ar", "48000", "pipe:1"]
+    return {"first_audio": await first_output(argv, 0, timeout)}
+
+
 async def vlc_sample(url: str, timeout: float) -> dict:
     # afile writes a 44-byte WAV header, then the PCM VLC plays (as fast as it
     # gets it: the file output has no clock of its own).
@@ -200,6 +208,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
             players = {
                 "chromium": lambda: chromium_sample(browser, url, args.timeout),
                 "ffmpeg": lambda: ffmpeg_sample(url, args.timeout),
+                "ffmpeg-spawn": lambda: ffmpeg_spawn_sample(args.timeout),
                 "vlc": lambda: vlc_sample(url, args.timeout),
             }
             try:
@@ -242,7 +251,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=5, help="samples per player and state (max 20)")
-    ap.add_argument("--players", default="chromium,ffmpeg,vlc")
+    ap.add_argument("--players", default="chromium,ffmpeg,ffmpeg-spawn,vlc")
     ap.add_argument("--states", default="cold,warm")
     ap.add_argument("--server-args", default="", help="extra voice-relay flags, e.g. '--mp3-bitrate 192'")
     ap.add_argument("--burst-ms", type=int, default=1000, help="--mp3-burst-ms (1000 is the default)")
@@ -257,7 +266,7 @@ def main() -> int:
     args.samples = max(1, min(args.samples, 20))
     args.players = [p for p in args.players.split(",") if p]
     args.states = [s for s in args.states.split(",") if s]
-    assert set(args.players) <= {"chromium", "ffmpeg", "vlc"} and set(args.states) <= {"cold", "warm"}
+    assert set(args.players) <= {"chromium", "ffmpeg", "ffmpeg-spawn", "vlc"} and set(args.states) <= {"cold", "warm"}
 
     loopback_only_netns()
     print(f"# {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}", flush=True)
