@@ -235,7 +235,8 @@ pub struct Config {
     #[arg(long, env = "VOICE_RELAY_MP3_BITRATE", default_value_t = 128)]
     pub mp3_bitrate: u32,
 
-    /// Milliseconds of recent MP3 audio sent at once to a new listener.
+    /// Milliseconds of recent MP3 audio sent at once to a new listener, at
+    /// least (the burst's time floor; also the Ogg/Opus burst).
     #[arg(long, env = "VOICE_RELAY_MP3_BURST_MS", default_value_t = 1000)]
     pub mp3_burst_ms: u32,
 
@@ -263,6 +264,13 @@ pub struct Config {
         conflicts_with = "icecast_password"
     )]
     pub icecast_password_file: Option<PathBuf>,
+
+    /// Bytes of recent MP3 audio sent at once to a new listener, at least:
+    /// browsers (about 32 KB) and ffmpeg (about 20 KB) read this much before
+    /// they play, so a burst this large lets them start at once.
+    #[arg(long, env = "VOICE_RELAY_MP3_BURST_BYTES", default_value_t = crate::mp3::DEFAULT_BURST_BYTES,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::mp3::MAX_BURST_BYTES)))]
+    pub mp3_burst_bytes: u32,
 
     /// How long `/stream/latest.mp3` waits for a stream to start when none is
     /// live, in milliseconds (a request may ask for less or more with

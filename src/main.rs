@@ -86,6 +86,7 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
     let mp3 = Mp3Config {
         bitrate_kbps: config.mp3_bitrate,
         burst_ms: config.mp3_burst_ms,
+        burst_bytes: config.mp3_burst_bytes,
         listener_queue_batches: 16,
     };
     mp3.validate().context("invalid MP3 settings")?;

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub offer_answer_seconds: Histogram,
     pub mp3_listeners_dropped_slow: IntCounter,
     pub ogg_listeners_dropped_slow: IntCounter,
+    pub mp3_pipelines_running: IntGauge,
+    pub mp3_pipeline_starts: IntCounter,
+    pub mp3_packets_decoded: IntCounter,
+    pub mp3_frames_encoded: IntCounter,
     pub limit_hits: IntCounterVec,
     pub errors: IntCounterVec,
     pub whip_push_attempts: IntCounter,
@@ -127,6 +131,22 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ogg_listeners_dropped_slow: counter(
             "ogg_listeners_dropped_slow_total",
             "Ogg/Opus listeners disconnected for falling behind",
+        )?,
+        mp3_pipelines_running: gauge(
+            "mp3_pipelines_running",
+            "MP3 pipelines decoding and encoding (streams with MP3 listeners, or left less than the linger time ago)",
+        )?,
+        mp3_pipeline_starts: counter(
+            "mp3_pipeline_starts_total",
+            "MP3 pipelines started by a stream's first listener",
+        )?,
+        mp3_packets_decoded: counter(
+            "mp3_opus_packets_decoded_total",
+            "Opus packets decoded for MP3 (a starting pipeline's history included)",
+        )?,
+        mp3_frames_encoded: counter(
+            "mp3_frames_encoded_total",
+            "MP3 frames encoded",
         )?,
         limit_hits: counter_vec("limit_hits_total", "Requests refused by a limit", "limit")?,
         errors: counter_vec(

@@ -129,6 +129,7 @@ pub struct AddonOptions {
     pub icecast_password: Option<String>,
     pub mp3_bitrate: Option<u32>,
     pub mp3_burst_ms: Option<u32>,
+    pub mp3_burst_bytes: Option<u32>,
     pub max_streams: Option<usize>,
     pub max_receivers_per_stream: Option<usize>,
     pub max_receivers: Option<usize>,
@@ -194,6 +195,10 @@ impl AddonOptions {
                 "mp3_bitrate" => o.mp3_bitrate = Some(check("mp3_bitrate", bitrate(v))?),
                 "mp3_burst_ms" => {
                     o.mp3_burst_ms = Some(check("mp3_burst_ms", integer(v, 0, 60_000))? as u32)
+                }
+                "mp3_burst_bytes" => {
+                    let max = u64::from(crate::mp3::MAX_BURST_BYTES);
+                    o.mp3_burst_bytes = Some(check("mp3_burst_bytes", integer(v, 0, max))? as u32)
                 }
                 "max_streams" => o.max_streams = Some(limit("max_streams", v)?),
                 "max_receivers_per_stream" => {
@@ -263,6 +268,7 @@ impl AddonOptions {
         fill_same!(
             mp3_bitrate,
             mp3_burst_ms,
+            mp3_burst_bytes,
             max_streams,
             max_receivers_per_stream,
             max_receivers,
@@ -587,7 +593,7 @@ mod tests {
             &[],
             r#"{"announce_ips": ["192.0.2.7"], "tls_hostnames": ["relay.lan"],
                 "allowed_origins": ["https://ha.lan:8123"], "trusted_proxies": ["127.0.0.1"],
-                "send_token": "s", "listen_token": "l", "mp3_burst_ms": 1500,
+                "send_token": "s", "listen_token": "l", "mp3_burst_ms": 1500, "mp3_burst_bytes": 16384,
                 "max_receivers_per_stream": 11, "max_receivers": 12,
                 "max_listeners_per_stream": 13, "max_listeners": 14,
                 "max_connections_per_ip": 15, "max_messages_per_sec": 16,
@@ -603,6 +609,7 @@ mod tests {
         assert_eq!(c.send_token.as_deref(), Some("s"));
         assert_eq!(c.listen_token.as_deref(), Some("l"));
         assert_eq!(c.mp3_burst_ms, 1500);
+        assert_eq!(c.mp3_burst_bytes, 16384);
         let limits = [
             c.max_receivers_per_stream,
             c.max_receivers,

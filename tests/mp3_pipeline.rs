@@ -82,10 +82,11 @@ fn mp3_threads(name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opus_to_mp3_two_listeners_burst_and_gaps() {
-    let total_packets = 150; // 3 s
+    let total_packets = 250; // 5 s
     let packets = sine_packets(1000.0, total_packets);
     let config = Mp3Config {
         listener_queue_batches: 1024, // the pipeline runs faster than real time here
+        burst_bytes: 0,               // a burst of burst_ms alone
         ..Mp3Config::default()
     };
     let (sink, fanout) = mp3::start("e2e", config);
@@ -99,11 +100,13 @@ async fn opus_to_mp3_two_listeners_burst_and_gaps() {
     let mut pushed = 0;
     let mut second = None;
     for (i, payload) in packets.iter().enumerate() {
-        if i == 90 {
+        if i == 190 {
             // Wait until clearly more than burst_ms (1 s) of MP3 is
-            // published, then join late.
+            // published, and the stream is older than its first-words
+            // window (3 s, when a burst reaches back to its first packet),
+            // then join late.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while (fanout.frames_published() as f64) * FRAME_SECS < 1.4 {
+            while (fanout.frames_published() as f64) * FRAME_SECS < 3.4 {
                 assert!(tokio::time::Instant::now() < deadline, "pipeline stalled");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -151,7 +154,7 @@ async fn opus_to_mp3_two_listeners_burst_and_gaps() {
     let burst_secs = burst_frames as f64 * FRAME_SECS;
     assert!((1.0..=1.13).contains(&burst_secs), "burst {burst_secs} s");
 
-    // Timeline: 3 s pushed (holes filled) + LAME delay/padding.
+    // Timeline: 5 s pushed (holes filled) + LAME delay/padding.
     let audio_secs = total_packets as f64 * 0.020;
     let mp3_secs = frames_a as f64 * FRAME_SECS;
     assert!(

@@ -2,16 +2,19 @@
 //! what a pipeline publishes to and what HTTP serves from. It ties together
 //! the stream's [`Ring`] of batches and its two kinds of listener: async
 //! [`Listener`]s (an HTTP body each) and sockets handed to the stream's
-//! writer thread. Used as is by the MP3 and the Ogg/Opus outputs.
+//! writer thread. Used as is by the MP3 and the Ogg/Opus outputs. A lazy
+//! fan-out (MP3) has no pipeline until a listener joins: whichever kind of
+//! listener finds it idle starts it ([`Demand::start`]).
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use super::batch::Batch;
 use super::counters::{PipelineCounters, PipelineCounts};
+use super::demand::Demand;
 use super::listener::Listener;
-use super::ring::{Preamble, Ring};
+use super::ring::{Preamble, Ring, Supply};
 use super::writer::Writer;
 use super::Mp3Config;
 
@@ -46,6 +49,8 @@ impl Format {
 pub struct Fanout {
     ring: Arc<Ring>,
     writer: Writer,
+    /// A lazy fan-out's demand, which starts its pipeline.
+    demand: OnceLock<Weak<Demand>>,
 }
 
 impl std::fmt::Debug for Fanout {
@@ -61,12 +66,30 @@ impl std::fmt::Debug for Fanout {
 }
 
 impl Fanout {
+    /// An MP3 fan-out whose pipeline runs from the start.
     pub(crate) fn new(
         stream_id: &str,
         config: &Mp3Config,
         counters: Arc<PipelineCounters>,
     ) -> Arc<Self> {
-        Self::with_preamble(stream_id, Format::Mp3, None, config, counters)
+        Self::build(
+            stream_id,
+            Format::Mp3,
+            None,
+            config,
+            Supply::Running,
+            counters,
+        )
+    }
+
+    /// An idle MP3 fan-out: its first listener starts the pipeline of the
+    /// demand given by [`set_demand`](Self::set_demand).
+    pub(crate) fn lazy(
+        stream_id: &str,
+        config: &Mp3Config,
+        counters: Arc<PipelineCounters>,
+    ) -> Arc<Self> {
+        Self::build(stream_id, Format::Mp3, None, config, Supply::Idle, counters)
     }
 
     /// A fan-out of `format` whose listeners each first get `preamble`.
@@ -77,11 +100,44 @@ impl Fanout {
         config: &Mp3Config,
         counters: Arc<PipelineCounters>,
     ) -> Arc<Self> {
-        let ring = Ring::new(stream_id, format, preamble, config, counters);
+        Self::build(
+            stream_id,
+            format,
+            preamble,
+            config,
+            Supply::Running,
+            counters,
+        )
+    }
+
+    fn build(
+        stream_id: &str,
+        format: Format,
+        preamble: Option<Preamble>,
+        config: &Mp3Config,
+        supply: Supply,
+        counters: Arc<PipelineCounters>,
+    ) -> Arc<Self> {
+        let ring = Ring::new(stream_id, format, preamble, config, supply, counters);
         Arc::new(Self {
             ring: Arc::new(ring),
             writer: Writer::default(),
+            demand: OnceLock::new(),
         })
+    }
+
+    /// Ties a lazy fan-out to the demand that starts its pipeline.
+    pub(crate) fn set_demand(&self, demand: &Arc<Demand>) {
+        let _ = self.demand.set(Arc::downgrade(demand));
+    }
+
+    /// A listener found the ring idle: start its pipeline (or, with the
+    /// stream's demand gone, end the listener).
+    fn start_pipeline(&self) {
+        match self.demand.get().and_then(Weak::upgrade) {
+            Some(demand) => demand.start(),
+            None => self.close(),
+        }
     }
 
     pub fn format(&self) -> Format {
@@ -99,22 +155,41 @@ impl Fanout {
         self.ring.publish(batch);
     }
 
+    /// A starting pipeline's first batches, made from the stream's history
+    /// (`from_start`: from its first packet), published at once.
+    pub(crate) fn publish_warm(&self, batches: Vec<Batch>, from_start: bool) {
+        self.ring.publish_warm(batches, from_start);
+    }
+
+    /// Turns the ring idle (its pipeline stops) if nobody listens.
+    pub(crate) fn try_idle(&self) -> bool {
+        self.ring.try_idle()
+    }
+
     /// Ends the stream: listeners get what is queued, then their bodies end.
     pub(crate) fn close(&self) {
         self.ring.close();
     }
 
     /// A new async listener: the burst and its place in the ring, taken
-    /// atomically.
+    /// atomically (if the pipeline is idle, it starts, and the burst comes
+    /// with its first publish).
     pub fn subscribe(&self) -> Listener {
-        Listener::join(&self.ring)
+        let (listener, start) = Listener::join(&self.ring);
+        if start {
+            self.start_pipeline();
+        }
+        listener
     }
 
     /// Hands a listener's socket (its response head already sent) to the
     /// stream's writer thread, which writes the burst, then live batches,
     /// and closes it at the end of the stream.
     pub fn attach(&self, socket: TcpStream, peer: SocketAddr, chunked: bool) -> io::Result<()> {
-        self.writer.attach(&self.ring, socket, peer, chunked)
+        if self.writer.attach(&self.ring, socket, peer, chunked)? {
+            self.start_pipeline();
+        }
+        Ok(())
     }
 
     pub fn listener_count(&self) -> usize {

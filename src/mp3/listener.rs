@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use super::ring::Ring;
+use super::ring::{Join, Ring, Shared};
 
 /// Counts the listener in its ring while it lives.
 struct ListenerGuard(Arc<Ring>);
@@ -28,6 +28,8 @@ pub struct Listener {
     /// Its format has a preamble that it has not had yet (its burst was
     /// empty): it goes before the first live batch.
     needs_preamble: bool,
+    /// It joined before the pipeline's first publish: its burst comes then.
+    pending: bool,
     /// Sequence number of the next live batch.
     next: u64,
     rx: watch::Receiver<u64>,
@@ -42,31 +44,47 @@ enum Step {
     Lagged(u64),
 }
 
+/// A listener's burst: batches `start..end` (its preamble first, if its
+/// format has one), and whether the preamble is still owed.
+fn burst_from(ring: &Ring, s: &Shared, start: u64, end: u64) -> (Bytes, bool) {
+    let (from, to) = ((start - s.first_seq) as usize, (end - s.first_seq) as usize);
+    let mut burst = BytesMut::new();
+    let first = s.ring.get(from).filter(|_| from < to);
+    if let Some(preamble) = first.and_then(|b| ring.preamble_for(b)) {
+        burst.extend_from_slice(&preamble);
+    }
+    for b in s.ring.range(from..to) {
+        burst.extend_from_slice(&b.data);
+    }
+    (burst.freeze(), first.is_none() && ring.preamble.is_some())
+}
+
 impl Listener {
-    /// Joins `ring`: the burst and the place after it, taken atomically.
-    pub(super) fn join(ring: &Arc<Ring>) -> Self {
-        let s = ring.lock();
-        let start = s.burst_start(ring.burst_ns);
-        let mut burst = BytesMut::new();
-        let first = s.ring.get((start - s.first_seq) as usize);
-        if let Some(preamble) = first.and_then(|b| ring.preamble_for(b)) {
-            burst.extend_from_slice(&preamble);
-        }
-        for b in s.ring.range((start - s.first_seq) as usize..) {
-            burst.extend_from_slice(&b.data);
-        }
-        let needs_preamble = first.is_none() && ring.preamble.is_some();
-        let next = s.end_seq();
+    /// Joins `ring`: the burst and the place after it, taken atomically (or,
+    /// before the pipeline's first publish, then). The `bool` says that this
+    /// listener must start the ring's pipeline.
+    pub(super) fn join(ring: &Arc<Ring>) -> (Self, bool) {
+        let mut s = ring.lock();
         let rx = ring.watch();
-        ring.listener_joined();
+        let join = ring.join(&mut s);
+        let (burst, needs_preamble, pending, start) = match join {
+            Join::At(at) => {
+                let (burst, owed) = burst_from(ring, &s, at, s.end_seq());
+                (burst, owed, false, false)
+            }
+            Join::Pending { start } => (Bytes::new(), false, true, start),
+        };
+        let next = s.end_seq();
         drop(s);
-        Listener {
-            burst: burst.freeze(),
+        let listener = Listener {
+            burst,
             needs_preamble,
+            pending,
             next,
             rx,
             guard: ListenerGuard(Arc::clone(ring)),
-        }
+        };
+        (listener, start)
     }
 
     /// The burst (its preamble and whole frames, possibly empty) this
@@ -79,6 +97,21 @@ impl Listener {
         let ring = &self.guard.0;
         let s = ring.lock();
         let end = s.end_seq();
+        if self.pending {
+            let Some((start, warm_end)) = s.pending_start() else {
+                return Step::Wait;
+            };
+            self.pending = false;
+            if start < s.first_seq {
+                return Step::Lagged(end - start);
+            }
+            let (burst, owed) = burst_from(ring, &s, start, warm_end);
+            self.needs_preamble = owed;
+            self.next = warm_end;
+            if !burst.is_empty() {
+                return Step::Send(burst);
+            }
+        }
         if self.next < s.first_seq || end - self.next > ring.queue_batches as u64 {
             return Step::Lagged(end.saturating_sub(self.next));
         }
@@ -142,6 +175,7 @@ mod tests {
     fn config(queue: usize, burst_ms: u32) -> Mp3Config {
         Mp3Config {
             burst_ms,
+            burst_bytes: 0,
             listener_queue_batches: queue,
             ..Mp3Config::default()
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 
 use super::batch::Batch;
-use super::ring::Ring;
+use super::ring::{Join, Ring};
 use crate::sync::{lock, wait, wait_timeout};
 
 /// Retry interval for sockets that could not take everything, when no new
@@ -62,6 +62,9 @@ struct Slot {
     needs_preamble: bool,
     /// What is left to write of its preamble, before batch `next`.
     lead: Bytes,
+    /// It joined before the pipeline's first publish: its place (and
+    /// allowance) are taken then.
+    pending: bool,
 }
 
 impl Slot {
@@ -111,50 +114,82 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Queues a listener's socket for the writer thread (starting it if
-    /// needed); it starts at the burst of `ring`.
+    /// needed); it starts at the burst of `ring`. The `bool` says that this
+    /// listener must start the ring's pipeline.
     pub(super) fn attach(
         &self,
         ring: &Arc<Ring>,
         socket: TcpStream,
         peer: SocketAddr,
         chunked: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         socket.set_nonblocking(true)?;
-        let (start, allowance) = {
-            let s = ring.lock();
-            let start = s.burst_start(ring.burst_ns);
-            (start, (s.end_seq() - start) as usize + ring.queue_batches)
-        };
-        let mut inbox = lock(&self.inbox);
-        inbox.slots.push(Slot {
+        self.ensure_thread(ring)?;
+        let mut slot = Slot {
             socket,
             peer,
-            next: start,
+            next: 0,
             offset: 0,
-            allowance: u32::try_from(allowance).unwrap_or(u32::MAX),
+            allowance: 0,
             chunked,
             needs_preamble: ring.preamble.is_some(),
             lead: Bytes::new(),
-        });
-        if !inbox.running {
-            let (ring, thread_inbox) = (Arc::clone(ring), Arc::clone(&self.inbox));
-            let spawned = std::thread::Builder::new()
-                .name(format!("mp3w-{}", ring.stream_id))
-                .spawn(move || {
-                    let _watch = crate::liveness::Liveness::process()
-                        .watch_for_panic("an MP3 writer thread");
-                    run(ring, thread_inbox)
-                });
-            if let Err(err) = spawned {
-                inbox.slots.pop();
-                return Err(err);
+            pending: false,
+        };
+        // The ring's lock is never taken inside the inbox's (the thread
+        // takes them the other way round).
+        let start = {
+            let mut s = ring.lock();
+            match ring.join(&mut s) {
+                Join::At(start) => {
+                    slot.place(start, s.end_seq(), ring.queue_batches);
+                    false
+                }
+                Join::Pending { start } => {
+                    slot.pending = true;
+                    start
+                }
             }
-            inbox.running = true;
+        };
+        let mut inbox = lock(&self.inbox);
+        if inbox.running {
+            inbox.slots.push(slot);
+        } else {
+            // The stream ended and its thread finished meanwhile.
+            ring.listener_left();
         }
-        ring.listener_joined();
         drop(inbox);
         ring.wake_writer();
+        Ok(start)
+    }
+
+    /// Starts the writer thread unless it runs.
+    fn ensure_thread(&self, ring: &Arc<Ring>) -> io::Result<()> {
+        let mut inbox = lock(&self.inbox);
+        if inbox.running {
+            return Ok(());
+        }
+        let (thread_ring, thread_inbox) = (Arc::clone(ring), Arc::clone(&self.inbox));
+        std::thread::Builder::new()
+            .name(format!("mp3w-{}", ring.stream_id))
+            .spawn(move || {
+                let _watch =
+                    crate::liveness::Liveness::process().watch_for_panic("an MP3 writer thread");
+                run(thread_ring, thread_inbox)
+            })?;
+        inbox.running = true;
         Ok(())
+    }
+}
+
+impl Slot {
+    /// Starts this listener at batch `start`, allowed to lag its burst
+    /// (up to `end`) plus `queue_batches`.
+    fn place(&mut self, start: u64, end: u64, queue_batches: usize) {
+        let allowance = (end - start) as usize + queue_batches;
+        self.next = start;
+        self.allowance = u32::try_from(allowance).unwrap_or(u32::MAX);
+        self.pending = false;
     }
 }
 
@@ -169,6 +204,17 @@ enum WriteOutcome {
     Slow(u64),
     /// The peer went away (or the socket failed).
     Gone,
+}
+
+/// What one write pass works from.
+struct Pass {
+    /// Sequence number of the first batch copied.
+    first_seq: u64,
+    /// The stream has ended.
+    closed: bool,
+    /// Where listeners that joined while the ring warmed start, and the end
+    /// their allowance counts from, once known.
+    pending: Option<(u64, u64)>,
 }
 
 /// The writer thread's state.
@@ -200,9 +246,9 @@ fn run(ring: Arc<Ring>, inbox: Arc<Mutex<Inbox>>) {
         closed_seen: false,
         end_deadline: None,
     };
-    while let Some((first_seq, closed)) = thread.wait_for_work() {
-        thread.write_pass(first_seq, closed);
-        if closed {
+    while let Some(pass) = thread.wait_for_work() {
+        thread.write_pass(pass.first_seq, pass.closed, pass.pending);
+        if pass.closed {
             thread.cut_at_end();
         }
     }
@@ -213,9 +259,11 @@ fn run(ring: Arc<Ring>, inbox: Arc<Mutex<Inbox>>) {
 impl Thread {
     /// Waits for a new batch, a new socket, the end, or (when blocked) the
     /// retry time; takes the new sockets and a copy of the ring. Returns
-    /// the first sequence number and whether the stream has ended, or `None`
-    /// when the thread is done (ended, every socket finished).
-    fn wait_for_work(&mut self) -> Option<(u64, bool)> {
+    /// the first sequence number, whether the stream has ended and where a
+    /// listener that joined while the ring warmed starts (and the end its
+    /// allowance counts from), once that is known; or `None` when the
+    /// thread is done (ended, every socket finished).
+    fn wait_for_work(&mut self) -> Option<Pass> {
         let mut s = self.ring.lock();
         loop {
             let arrived = !lock(&self.inbox).slots.is_empty();
@@ -243,16 +291,27 @@ impl Thread {
         self.seen_end = s.end_seq();
         self.batches.clear();
         self.batches.extend(s.ring.iter().cloned());
-        Some((s.first_seq, s.closed))
+        Some(Pass {
+            first_seq: s.first_seq,
+            closed: s.closed,
+            pending: s.pending_start(),
+        })
     }
 
     /// Writes to every socket what it can take; finishes, cuts or drops
     /// sockets by their outcome.
-    fn write_pass(&mut self, first_seq: u64, closed: bool) {
+    fn write_pass(&mut self, first_seq: u64, closed: bool, pending: Option<(u64, u64)>) {
         let end_seq = first_seq + self.batches.len() as u64;
         self.blocked = false;
         let mut i = 0;
         while i < self.slots.len() {
+            if self.slots[i].pending {
+                let Some((start, warm_end)) = pending else {
+                    i += 1;
+                    continue;
+                };
+                self.slots[i].place(start, warm_end, self.ring.queue_batches);
+            }
             self.slots[i].take_preamble(&self.ring, &self.batches, first_seq);
             let outcome = write_slot(&mut self.slots[i], &self.batches, first_seq, end_seq);
             match outcome {
@@ -397,6 +456,7 @@ mod tests {
             chunked,
             needs_preamble: false,
             lead: Bytes::new(),
+            pending: false,
         }
     }
 

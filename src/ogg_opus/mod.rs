@@ -33,8 +33,14 @@ use pager::Pager;
 
 /// Starts the Ogg output of one stream: its [`Fanout`] and the sink the
 /// relay feeds, with ONE thread `ogg-<stream_id>` paging the packets.
-/// Bursts and listener lag limits are the MP3 output's (`config`).
+/// Bursts (their time floor; bytes are MP3's alone) and listener lag limits
+/// are the MP3 output's (`config`). The pager runs for the whole stream: it
+/// only frames the sender's packets, no codec.
 pub fn start(stream_id: &str, config: &Mp3Config) -> std::io::Result<(PacketSink, Arc<Fanout>)> {
+    let config = &Mp3Config {
+        burst_bytes: 0,
+        ..config.clone()
+    };
     let counters = Arc::new(PipelineCounters::default());
     let serial: u32 = rand::random();
     let fanout = Fanout::with_preamble(

@@ -377,16 +377,25 @@ class ToneTrack(MediaStreamTrack):
 
     With ``pulse=(period_s, on_s)`` the tone is gated into bursts and the
     emission time of every burst onset is recorded in ``onsets`` (monotonic
-    seconds), for latency measurements.
+    seconds), for latency measurements. With ``lead=(freq, seconds)`` the
+    first ``seconds`` of the track are a sine of that other frequency (a
+    marker for "the stream's first words").
     """
 
     kind = "audio"
 
-    def __init__(self, freq: float, amplitude: float = 0.3, pulse: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        freq: float,
+        amplitude: float = 0.3,
+        pulse: tuple[float, float] | None = None,
+        lead: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.freq = float(freq)
         self.amplitude = amplitude
         self.pulse = pulse
+        self.lead = lead
         self.onsets: list[float] = []
         self.frames_sent = 0
         self._start: float | None = None
@@ -405,7 +414,10 @@ class ToneTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
         emitted = time.monotonic()
         n = np.arange(self._pts, self._pts + FRAME_SAMPLES)
-        x = self.amplitude * np.sin(2 * np.pi * self.freq * n / SAMPLE_RATE)
+        freq = self.freq
+        if self.lead is not None and self._pts < self.lead[1] * SAMPLE_RATE:
+            freq = self.lead[0]
+        x = self.amplitude * np.sin(2 * np.pi * freq * n / SAMPLE_RATE)
         if self.pulse is not None:
             period = int(self.pulse[0] * SAMPLE_RATE)
             on = int(self.pulse[1] * SAMPLE_RATE)
@@ -561,9 +573,10 @@ class ToneSender:
         strip_candidates: bool = False,
         pulse: tuple[float, float] | None = None,
         amplitude: float = 0.3,
+        lead: tuple[float, float] | None = None,
     ):
         self.signal = signal
-        self.track = ToneTrack(freq, amplitude=amplitude, pulse=pulse)
+        self.track = ToneTrack(freq, amplitude=amplitude, pulse=pulse, lead=lead)
         self.freq = float(freq)
         self.strip = strip_candidates
         self.pc = RTCPeerConnection(rtc_config())
