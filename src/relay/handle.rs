@@ -141,7 +141,7 @@ impl RelayHandle {
     /// A new receiver peer: see [`RtcBuilder::receiver`]. The slot receives
     /// the peer's SRTP keys when its DTLS handshake completes.
     pub fn new_receiver_rtc(&self) -> (Rtc, KeySlot) {
-        RtcBuilder::new(&self.cert, &self.candidates).receiver()
+        receiver_rtc(&self.cert, &self.candidates)
     }
 
     /// A new push peer (we publish a stream to a WHIP server): a receiver
@@ -167,6 +167,13 @@ pub fn offer_audio(rtc: &mut Rtc, stream: &str) -> Option<(Mid, String, SdpPendi
     );
     let (offer, pending) = api.apply()?;
     Some((mid, offer.to_sdp_string(), pending))
+}
+
+/// A receiver peer as the relay builds it (see [`RtcBuilder::receiver`]), for
+/// `cert` and the host `candidates`: also what the receiver-memory benchmark
+/// (`bench/webrtc`) measures.
+pub fn receiver_rtc(cert: &DtlsCert, candidates: &[SocketAddr]) -> (Rtc, KeySlot) {
+    RtcBuilder::new(cert, candidates).receiver()
 }
 
 /// Builds the `Rtc` of one peer of this relay.

@@ -36,7 +36,9 @@ mod tests;
 mod timers;
 
 pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
-pub use handle::{offer_audio, Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle};
+pub use handle::{
+    offer_audio, receiver_rtc, Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle,
+};
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;
 
