@@ -12,6 +12,7 @@
 mod client;
 mod histogram;
 mod media;
+mod mp3_listener;
 mod procstat;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -130,6 +131,15 @@ struct Args {
     /// Keep ramping after a step that is not clean.
     #[arg(long)]
     keep_going: bool,
+
+    /// Plain HTTP MP3 listeners per stream (`/stream/{id}.mp3`, HTTP/1.0),
+    /// connected after the senders and judged in every window.
+    #[arg(long, default_value_t = 0)]
+    mp3_listeners_per_stream: usize,
+
+    /// The server's MP3 bitrate in kbit/s (a clean listener gets ≥ 90 % of it).
+    #[arg(long, default_value_t = 128)]
+    mp3_kbps: u32,
 
     /// The whole run stops by itself after this long.
     #[arg(long, default_value_t = 540)]
@@ -469,6 +479,12 @@ async fn ramp(
     // Pushed from an origin, a stream reaches the server a moment later.
     let listed = if args.sender_server.is_some() { 3 } else { 1 };
     tokio::time::sleep(Duration::from_secs(listed)).await;
+    let mp3_listeners: Vec<_> = senders
+        .iter()
+        .flat_map(|s| {
+            (0..args.mp3_listeners_per_stream).map(|_| mp3_listener::spawn(addr, &s.stream_id))
+        })
+        .collect();
     let rss_base = server_pid.and_then(procstat::rss_kb);
 
     let steps: Vec<usize> = match args.receivers_per_stream {
@@ -552,7 +568,16 @@ async fn ramp(
         let gen0 = procstat::snap(std::process::id());
         let sys0 = procstat::sys_snap();
         let hist0 = relay_latency(addr).await;
+        mp3_listeners.iter().for_each(|l| l.begin());
         tokio::time::sleep(Duration::from_secs(args.measure_secs)).await;
+        let (mp3_row, mp3_line) = mp3_listener::judge(
+            &mp3_listeners,
+            Duration::from_secs(args.measure_secs),
+            args.mp3_kbps,
+        );
+        if !mp3_listeners.is_empty() {
+            eprintln!("  {mp3_line}");
+        }
         let hist1 = relay_latency(addr).await;
         let srv1 = server_pid.and_then(procstat::snap);
         let gen1 = procstat::snap(std::process::id());
@@ -589,7 +614,8 @@ async fn ramp(
 
         // Judge.
         let clean = results.iter().filter(|r| receiver_clean(r)).count();
-        let step_clean = clean == target;
+        let mp3_clean = mp3_row["clean"].as_u64() == Some(mp3_listeners.len() as u64);
+        let step_clean = clean == target && mp3_clean;
         let expected: u64 = results.iter().map(|r| r.expected).sum();
         let got: u64 = results.iter().map(|r| r.got).sum();
         let missing_receivers = target.saturating_sub(results.len());
@@ -760,6 +786,7 @@ async fn ramp(
             "quiet_wait_secs": waited.as_secs_f64(),
             "other_processes_cpu_pct": other_pct,
             "worst_receivers": worst,
+            "mp3_listeners": mp3_row,
             "server_health": server_health,
             "ws_stream_ended": ctx.counters.stream_ended.load(std::sync::atomic::Ordering::Relaxed),
             "ws_server_errors": ctx.counters.server_errors.load(std::sync::atomic::Ordering::Relaxed),
