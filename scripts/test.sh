@@ -26,7 +26,7 @@ fi
 step() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. system packages ---------------------------------------------------
-APT_PACKAGES=(cmake pkg-config ffmpeg chromium iproute2 util-linux)
+APT_PACKAGES=(cmake pkg-config ffmpeg chromium firefox-esr iptables iproute2 util-linux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

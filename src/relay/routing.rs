@@ -1,6 +1,6 @@
 //! Which peer a datagram belongs to: by its source address once a STUN check
 //! has introduced that address, else by the ICE ufrag a STUN binding request
-//! names. Checks that arrive before their peer (a browser starts ICE as soon
+//! names (an ICE-TCP connection is named once, by its first check). Checks that arrive before their peer (a browser starts ICE as soon
 //! as it answers) are kept a moment in [`EarlyStun`] and replayed.
 
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +37,11 @@ impl Routes {
         self.by_ufrag.remove(&peer.ufrag);
     }
 
+    /// The peer whose local ufrag is `ufrag`.
+    pub fn peer_of_ufrag(&self, ufrag: &str) -> Option<PeerId> {
+        self.by_ufrag.get(ufrag).copied()
+    }
+
     /// Which peer a datagram from `source` belongs to. A STUN binding request
     /// from an unknown address naming a peer's ufrag adds that address to the
     /// peer (unless it is closing or has enough).
@@ -65,6 +70,16 @@ impl Routes {
         }
         Some(id)
     }
+}
+
+/// The local ufrag (ours) a STUN binding request names, if `data` is one.
+pub(super) fn stun_ufrag(data: &[u8]) -> Option<String> {
+    let msg = str0m::ice::StunMessage::parse(data).ok()?;
+    if !msg.is_binding_request() {
+        return None;
+    }
+    let (local, _remote) = msg.split_username()?;
+    Some(local.to_owned())
 }
 
 /// STUN binding requests for ufrags no peer has yet.
@@ -172,5 +187,12 @@ mod tests {
         let peer = peers.remove(7).unwrap();
         routes.remove(&peer);
         assert_eq!(routes.route(from(1), &rtp, &mut peers), None);
+    }
+
+    #[test]
+    fn the_ufrag_of_a_binding_request_only() {
+        assert_eq!(stun_ufrag(&check("abc")).as_deref(), Some("abc"));
+        assert_eq!(stun_ufrag(&[0x80, 111, 0, 1]), None);
+        assert_eq!(stun_ufrag(&[0u8; 20]), None);
     }
 }

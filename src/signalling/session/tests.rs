@@ -30,6 +30,7 @@ fn relay() -> RelayHandle {
     let (relay, _thread) = relay::start(RelayConfig {
         bind: "127.0.0.1:0".parse().expect("addr"),
         announce: vec!["127.0.0.1:9".parse().expect("addr")],
+        announce_tcp: vec!["127.0.0.1:9".parse().expect("addr")],
         sender_idle: Duration::from_secs(60),
         handshake_timeout: Duration::from_secs(60),
         forward_threads: 1,

@@ -1,0 +1,284 @@
+//! The relay's ICE-TCP connections (RFC 6544, our candidate passive; RFC
+//! 4571 framing). The HTTP listener hands over each accepted connection
+//! whose first bytes are a framed STUN binding request; from then on the
+//! relay owns it like the UDP socket: registered in its poll, read into
+//! packets, written from a bounded queue. A connection first names its
+//! peer (by the ufrag of its first STUN check), or waits a moment for that
+//! peer to reach the relay, then carries that peer's packets only.
+//!
+//! Bounds: at most [`MAX_PENDING`] connections without a peer, each closed
+//! when its peer does not come; at most [`MAX_PER_PEER`] per peer; at most
+//! [`MAX_QUEUED`] bytes waiting to be written, beyond which the connection
+//! is too slow and is closed (the UDP fan-out never waits for it).
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::framing::{write_frame, FrameReader};
+use super::handle::PeerId;
+use crate::metrics::metrics;
+
+/// Tokens below this are the relay's own (socket, waker).
+pub(super) const FIRST_TOKEN: usize = 2;
+/// Connections not yet carrying a known peer's packets.
+pub(super) const MAX_PENDING: usize = 256;
+/// Connections one peer may use (a browser tries one per candidate pair).
+const MAX_PER_PEER: usize = 8;
+/// Bytes waiting to be written to one connection: a few seconds of audio.
+pub(super) const MAX_QUEUED: usize = 64 * 1024;
+/// How long a connection naming an unknown ufrag waits for that peer (its
+/// answer and its first check may race to the relay).
+pub(super) const WAIT_FOR_PEER: Duration = Duration::from_secs(3);
+/// Reads per readiness event before others get a turn.
+const READS_PER_EVENT: usize = 16;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Whose packets a connection carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Link {
+    /// Nothing read yet.
+    New,
+    /// Its first check names `ufrag`, which no peer has yet; the check is
+    /// kept to be replayed.
+    Waiting { ufrag: String, first: Vec<u8> },
+    /// The packets of this peer.
+    Peer(PeerId),
+}
+
+struct Conn {
+    stream: TcpStream,
+    remote: SocketAddr,
+    reader: FrameReader,
+    /// Framed packets not yet taken by the kernel.
+    queued: Vec<u8>,
+    link: Link,
+    opened: Instant,
+}
+
+impl Conn {
+    fn pending(&self) -> bool {
+        !matches!(self.link, Link::Peer(_))
+    }
+
+    /// Writes what is queued until the kernel takes no more.
+    fn flush(&mut self) -> Result<(), &'static str> {
+        let mut written = 0;
+        while written < self.queued.len() {
+            match self.stream.write(&self.queued[written..]) {
+                Ok(0) => return Err("write failed"),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Err("write failed"),
+            }
+        }
+        self.queued.drain(..written);
+        Ok(())
+    }
+}
+
+/// Every ICE-TCP connection of the relay, by poll token and by remote
+/// address (str0m names a packet's destination by address).
+#[derive(Default)]
+pub(super) struct TcpConns {
+    conns: HashMap<Token, Conn>,
+    by_remote: HashMap<SocketAddr, Token>,
+    next_token: usize,
+    scratch: Vec<u8>,
+}
+
+impl TcpConns {
+    /// Takes over an accepted connection; refused (and closed) beyond
+    /// [`MAX_PENDING`] connections without a peer.
+    pub fn add(
+        &mut self,
+        registry: &Registry,
+        stream: std::net::TcpStream,
+    ) -> Result<(), &'static str> {
+        let pending = self.conns.values().filter(|c| c.pending()).count();
+        if pending >= MAX_PENDING {
+            return Err("too many pending connections");
+        }
+        let remote = stream.peer_addr().map_err(|_| "connection already gone")?;
+        stream.set_nonblocking(true).map_err(|_| "socket error")?;
+        let _ = stream.set_nodelay(true);
+        let mut stream = TcpStream::from_std(stream);
+        let token = Token(FIRST_TOKEN + self.next_token);
+        self.next_token += 1;
+        registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|_| "socket error")?;
+        self.by_remote.insert(remote, token);
+        self.conns.insert(
+            token,
+            Conn {
+                stream,
+                remote,
+                reader: FrameReader::default(),
+                queued: Vec::new(),
+                link: Link::New,
+                opened: Instant::now(),
+            },
+        );
+        metrics().ice_tcp_connections.inc();
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Reads what the connection has into whole packets (appended to
+    /// `packets`); `Err` with the reason it must be closed. Returns true if
+    /// it may have more to read (its turn ended first).
+    pub fn read(&mut self, token: Token, packets: &mut Vec<Vec<u8>>) -> Result<bool, &'static str> {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Ok(false);
+        };
+        self.scratch.resize(READ_CHUNK, 0);
+        for _ in 0..READS_PER_EVENT {
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => return Err("closed by the client"),
+                Ok(n) => conn.reader.extend(&self.scratch[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return Err("read failed"),
+            }
+            loop {
+                match conn.reader.next_frame() {
+                    Ok(Some(packet)) => packets.push(packet.to_vec()),
+                    Ok(None) => break,
+                    Err(_) => return Err("frame too long"),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes the poll report the connection again if it is still readable.
+    pub fn rearm(&mut self, registry: &Registry, token: Token) {
+        if let Some(conn) = self.conns.get_mut(&token) {
+            let _ = registry.reregister(
+                &mut conn.stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            );
+        }
+    }
+
+    /// The connection can take more: writes its queue.
+    pub fn writable(&mut self, token: Token) -> Result<(), &'static str> {
+        match self.conns.get_mut(&token) {
+            Some(conn) => conn.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Frames and writes one packet to the connection from `to`. A packet
+    /// for no connection is dropped; `Err` names a connection to close.
+    pub fn send(&mut self, to: SocketAddr, packet: &[u8]) -> Result<(), (Token, &'static str)> {
+        let Some(token) = self.by_remote.get(&to).copied() else {
+            return Ok(());
+        };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Ok(());
+        };
+        if conn.queued.len() + 2 + packet.len() > MAX_QUEUED {
+            return Err((token, "too slow: write queue full"));
+        }
+        if write_frame(&mut conn.queued, packet).is_none() {
+            return Ok(());
+        }
+        conn.flush().map_err(|why| (token, why))
+    }
+
+    pub fn link(&self, token: Token) -> Option<&Link> {
+        self.conns.get(&token).map(|c| &c.link)
+    }
+
+    pub fn remote(&self, token: Token) -> Option<SocketAddr> {
+        self.conns.get(&token).map(|c| c.remote)
+    }
+
+    /// Makes the connection carry `peer`'s packets; false when the peer
+    /// has its share of connections already.
+    pub fn bind(&mut self, token: Token, peer: PeerId) -> bool {
+        if self.of_peer(peer).len() >= MAX_PER_PEER {
+            return false;
+        }
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.link = Link::Peer(peer);
+        }
+        true
+    }
+
+    /// The connection's first check names `ufrag`, of no peer yet.
+    pub fn wait(&mut self, token: Token, ufrag: String, first: &[u8]) {
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.link = Link::Waiting {
+                ufrag,
+                first: first.to_vec(),
+            };
+        }
+    }
+
+    /// The connections waiting for `ufrag`, with the check each kept.
+    pub fn take_waiting(&mut self, ufrag: &str) -> Vec<(Token, Vec<u8>)> {
+        let mut found = Vec::new();
+        for (token, conn) in self.conns.iter_mut() {
+            if matches!(&conn.link, Link::Waiting { ufrag: u, .. } if u == ufrag) {
+                if let Link::Waiting { first, .. } = std::mem::replace(&mut conn.link, Link::New) {
+                    found.push((*token, first));
+                }
+            }
+        }
+        found
+    }
+
+    /// The connections carrying `peer`'s packets.
+    pub fn of_peer(&self, peer: PeerId) -> Vec<Token> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.link == Link::Peer(peer))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Connections without a peer past their time: waiting longer than
+    /// [`WAIT_FOR_PEER`] for an unknown ufrag, or silent past `handshake`.
+    pub fn expired(&self, now: Instant, handshake: Duration) -> Vec<(Token, &'static str)> {
+        self.conns
+            .iter()
+            .filter_map(|(token, c)| {
+                let age = now.saturating_duration_since(c.opened);
+                match c.link {
+                    Link::Waiting { .. } if age >= WAIT_FOR_PEER => Some((*token, "unknown ufrag")),
+                    Link::New if age >= handshake => Some((*token, "handshake timed out")),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Closes a connection (the reason counted); returns what it carried.
+    pub fn close(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        why: &'static str,
+    ) -> Option<(SocketAddr, Link)> {
+        let mut conn = self.conns.remove(&token)?;
+        self.by_remote.remove(&conn.remote);
+        let _ = registry.deregister(&mut conn.stream);
+        let m = metrics();
+        m.ice_tcp_connections.dec();
+        m.ice_tcp_closed.with_label_values(&[why]).inc();
+        tracing::debug!(remote = %conn.remote, reason = why, "ICE-TCP connection closed");
+        Some((conn.remote, conn.link))
+    }
+}
