@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
 from browser import CHROMIUM, chromium_args
-from clients import run, sine_wav_bytes
+from clients import http, run, sine_wav_bytes
 from relay_server import RelayServer
 from test_limits import scrape, wait_metric
+from test_mp3 import assert_clean_tone, ffmpeg_capture
 from test_web_page import PageWatch, page_site, wait_heard
-from udp_blocked import PC_HOOK, chromium_wrapper, give, udp_blocked_user, user_dir
+from udp_blocked import PC_HOOK, as_user, chromium_wrapper, give, udp_blocked_user, user_dir
 
+NODE_DIR = Path(__file__).resolve().parent / "node"
+FIREFOX = "/usr/bin/firefox-esr"
 TONE = 440.0
 CONNECTED_TRANSPORT = "voice_relay_peers_connected_transport_total"
 
@@ -44,12 +49,13 @@ def assert_tcp_pairs(pairs: list[Any], port: int, who: str) -> None:
         assert p["remotePort"] == port, f"{who}: pair not to the HTTP port {port}: {pairs}"
 
 
-async def wait_tcp_peers(server: RelayServer, n: int) -> None:
+async def wait_tcp_peers(server: RelayServer, n: int, still_open: bool = True) -> None:
     await wait_metric(server.http, lambda m: m.get(CONNECTED_TRANSPORT, transport="tcp") >= n,
                       f"{n} peers connected over TCP")
     m = await scrape(server.http)
     assert m.get(CONNECTED_TRANSPORT, transport="udp") == 0, "a peer connected over UDP though UDP is dropped"
-    assert m.get("voice_relay_ice_tcp_connections") >= n, m.text
+    if still_open:
+        assert m.get("voice_relay_ice_tcp_connections") >= n, m.text
 
 
 # ---------------------------------------------------------------------------
@@ -111,3 +117,58 @@ def test_chromium_sends_and_listens_over_tcp_when_udp_is_blocked(server: RelaySe
 
     run(body(), 120)
 
+
+# ---------------------------------------------------------------------------
+# Firefox ESR
+# ---------------------------------------------------------------------------
+
+# Firefox's fake microphone (media.navigator.streams.fake) is a 1 kHz tone.
+FIREFOX_TONE = 1000.0
+# How long page B listens (and the stream stays live) in the Firefox script.
+FIREFOX_LISTEN_MS = 7000
+
+
+async def firefox_pages(server: RelayServer, home: Path) -> dict:
+    """Runs the Firefox script as the user; meanwhile decodes the relay's MP3 of the stream
+    Firefox sends (Firefox headless runs no Web Audio graph, so its page cannot measure)."""
+    cfg = {"url": server.http + "/", "firefox": FIREFOX, "hook": PC_HOOK, "listenMs": FIREFOX_LISTEN_MS}
+    argv = as_user(["node", str(NODE_DIR / "firefox_relay_page.mjs"), json.dumps(cfg)], home)
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    capture = None
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and proc.returncode is None:
+            live = (await http("GET", server.http + "/health")).json()["active_streams"]
+            if live:
+                capture = await ffmpeg_capture(f"{server.http}/stream/{live[0]}.mp3", 4.0)
+                break
+            await asyncio.sleep(0.2)
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    assert lines, f"no result from the Firefox script (exit {proc.returncode})\n{out.decode()}\n{err.decode()[-3000:]}"
+    result = json.loads(lines[-1])
+    assert capture is not None, f"Firefox never went live: {result}"
+    result["capture"] = capture
+    return result
+
+
+def test_firefox_sends_and_listens_over_tcp_when_udp_is_blocked(server: RelayServer) -> None:
+    assert (NODE_DIR / "node_modules" / "puppeteer-core").is_dir(), "run scripts/test.sh --setup-only (npm ci)"
+    with udp_blocked_user() as home:
+        result = run(firefox_pages(server, home), 150)
+    assert not result["errors"], result
+    # What Firefox sent over TCP is the tone (decoded from the relay's MP3).
+    assert_clean_tone(result["capture"], FIREFOX_TONE, "MP3 of Firefox's stream")
+    # What Firefox received over TCP: packets kept arriving, carrying the sender's audio level.
+    before, after = result["reception"]["packets"]
+    assert after - before >= FIREFOX_LISTEN_MS / 20 / 2, f"Firefox B received too few packets: {result['reception']}"
+    assert max(result["reception"]["levels"], default=0) > 0.01, f"no audio level at B: {result['reception']}"
+    print(f"\nFirefox (UDP dropped): B got {after - before} packets in {FIREFOX_LISTEN_MS} ms; "
+          f"page mic level {result['micLevel']} (no Web Audio in headless Firefox)")
+    assert_tcp_pairs(result["pairsA"], server.port, "Firefox A")
+    assert_tcp_pairs(result["pairsB"], server.port, "Firefox B")
+    run(wait_tcp_peers(server, 2, still_open=False), 10)  # the script closed Firefox
