@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import os
+import re
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -20,7 +26,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from browser import CHROMIUM, chromium_args
-from clients import http, run, sine_wav_bytes
+from clients import Clients, ToneReceiver, ToneSender, assert_tone, http, run, sine_wav_bytes
 from relay_server import RelayServer
 from test_limits import scrape, wait_metric
 from test_mp3 import assert_clean_tone, ffmpeg_capture
@@ -172,3 +178,153 @@ def test_firefox_sends_and_listens_over_tcp_when_udp_is_blocked(server: RelaySer
     assert_tcp_pairs(result["pairsA"], server.port, "Firefox A")
     assert_tcp_pairs(result["pairsB"], server.port, "Firefox B")
     run(wait_tcp_peers(server, 2, still_open=False), 10)  # the script closed Firefox
+
+
+# ---------------------------------------------------------------------------
+# Clients that reach us over UDP keep using it
+# ---------------------------------------------------------------------------
+
+
+def candidate_priorities(sdp: str) -> dict[str, int]:
+    """{transport: priority} of the host candidates in an SDP."""
+    out = {}
+    for m in re.finditer(r"^a=candidate:\S+ \d+ (\w+) (\d+) \S+ \d+ typ host(.*)$", sdp, re.M):
+        out[m.group(1).lower()] = int(m.group(2))
+        if m.group(1).lower() == "tcp":
+            assert "tcptype passive" in m.group(3), m.group(0)
+    return out
+
+
+def test_candidate_free_clients_still_connect_over_udp(server: RelayServer) -> None:
+    """The original cards' habit (no candidates in their SDP), with UDP open: the relay's
+    SDP offers the TCP candidate too, at a lower priority, and both peers connect over UDP."""
+
+    async def body() -> None:
+        async with Clients(server.ws, server.http) as c:
+            snd = c.track(ToneSender(await c.signal("card_sender"), 440, strip_candidates=True))
+            await snd.start(timeout=15)
+            rx = c.track(ToneReceiver(await c.signal("card_receiver"), strip_candidates=True))
+            await rx.start(snd.stream_id, timeout=15)
+            await rx.wait_audio(2.0)
+            assert_tone(rx, 440)
+            for sdp in (snd.answer_sdp or "", rx.offer_sdp or ""):
+                prio = candidate_priorities(sdp)
+                assert set(prio) == {"udp", "tcp"}, sdp
+                assert prio["udp"] > prio["tcp"], prio
+            await wait_metric(server.http, lambda m: m.get(CONNECTED_TRANSPORT, transport="udp") >= 2,
+                              "2 peers connected over UDP")
+            m = await scrape(server.http)
+            assert m.get(CONNECTED_TRANSPORT, transport="tcp") == 0, m.text
+            assert m.get("voice_relay_ice_tcp_connections") == 0, m.text
+
+    run(body(), 60)
+
+
+# ---------------------------------------------------------------------------
+# Bad input on the shared TCP port
+# ---------------------------------------------------------------------------
+
+
+def stun_check(username: str) -> bytes:
+    """A STUN binding request as a browser's ICE check (RFC 5389/8445), keyed with a made-up
+    password: USERNAME, PRIORITY, MESSAGE-INTEGRITY."""
+
+    def attr(kind: int, value: bytes) -> bytes:
+        return struct.pack("!HH", kind, len(value)) + value + b"\0" * (-len(value) % 4)
+
+    body = attr(0x0006, username.encode()) + attr(0x0024, struct.pack("!I", 1853817087))
+    tid = os.urandom(12)
+    head = struct.pack("!HHI", 0x0001, len(body) + 24, 0x2112A442) + tid
+    mac = hmac.new(b"not-the-password", head + body, hashlib.sha1).digest()
+    return head + body + attr(0x0008, mac)
+
+
+def framed(packet: bytes) -> bytes:
+    return struct.pack("!H", len(packet)) + packet
+
+
+def relay_ufrag(sdp: str) -> str:
+    found = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.M)
+    assert found, sdp
+    return found.group(1)
+
+
+async def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes ``sock`` within ``timeout`` (anything it sends is skipped)."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), max(0.05, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        if not data:
+            return True
+    return False
+
+
+async def tcp_connect(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+IDLE_CONNECTIONS = 500
+# The demux gives a connection this long to send its first bytes (src/http/demux.rs).
+FIRST_BYTES_TIMEOUT = 10.0
+# A connection naming an unknown ufrag waits this long for its peer (src/relay/tcp.rs).
+WAIT_FOR_PEER = 3.0
+
+
+def test_bad_input_on_the_shared_port_is_closed_and_disturbs_nothing(server: RelayServer) -> None:
+    async def body() -> None:
+        async with Clients(server.ws, server.http) as c:
+            snd = await c.sender(440)
+            rx = await c.receiver(snd.stream_id)
+            await rx.wait_audio(1.0)
+            loop = asyncio.get_running_loop()
+            idle = [await tcp_connect(server.port) for _ in range(IDLE_CONNECTIONS)]
+            try:
+                # A first frame whose length is over the limit: not ICE, HTTP answers it.
+                over = await tcp_connect(server.port)
+                await loop.sock_sendall(over, struct.pack("!H", 0xFFFF) + stun_check("x:y")[:8] + b"\0" * 64)
+                # A check naming the live receiver's ufrag, then an oversize frame: the relay closes it.
+                oversize = await tcp_connect(server.port)
+                check = stun_check(f"{relay_ufrag(rx.offer_sdp or '')}:intruder")
+                await loop.sock_sendall(oversize, framed(check))
+                await asyncio.sleep(0.3)
+                await loop.sock_sendall(oversize, struct.pack("!H", 4000) + b"\0" * 100)
+                # A check for a ufrag no peer has.
+                unknown = await tcp_connect(server.port)
+                await loop.sock_sendall(unknown, framed(stun_check("nosuchufrag:intruder")))
+
+                assert await closed_by_server(over, 5), "an oversize first frame was not closed"
+                assert await closed_by_server(oversize, 5), "an oversize frame was not closed"
+                assert await closed_by_server(unknown, WAIT_FOR_PEER + 5), "an unknown ufrag was not closed"
+                # HTTP on the same port answers while the idle connections are held.
+                assert (await http("GET", server.http + "/health")).status == 200
+                t = time.monotonic()
+                closed = await asyncio.gather(*(closed_by_server(s, FIRST_BYTES_TIMEOUT + 10) for s in idle))
+                assert all(closed), f"{closed.count(False)} of {IDLE_CONNECTIONS} idle connections left open"
+                print(f"\n{IDLE_CONNECTIONS} idle connections closed after {time.monotonic() - t:.1f} s more")
+            finally:
+                for s in idle:
+                    s.close()
+            m = await scrape(server.http)
+            assert m.get("voice_relay_ice_tcp_closed_total", reason="frame too long") == 1, m.text
+            assert m.get("voice_relay_ice_tcp_closed_total", reason="unknown ufrag") == 1, m.text
+            assert m.get("voice_relay_tcp_first_bytes_total", kind="silent") == IDLE_CONNECTIONS, m.text
+            assert m.get("voice_relay_ice_tcp_connections") == 0, m.text
+            # The call went on: the receiver kept getting the tone, the sender's stream is live.
+            t = time.monotonic()
+            await rx.sink.wait_more(2.0, 6)
+            assert rx.sink.frames_since(t) >= 50
+            assert_tone(rx, 440)
+            h = await c.health()
+            assert (h["senders"], h["receivers"]) == (1, 1), h
+            assert m.get("voice_relay_peers_closed_total", reason="ICE-TCP connection lost") == 0, m.text
+
+    run(body(), 90)
