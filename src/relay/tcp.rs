@@ -29,8 +29,13 @@ pub(super) const FIRST_TOKEN: usize = 2;
 pub(super) const MAX_PENDING: usize = 256;
 /// Connections one peer may use (a browser tries one per candidate pair).
 const MAX_PER_PEER: usize = 8;
-/// Bytes waiting to be written to one connection: a few seconds of audio.
-pub(super) const MAX_QUEUED: usize = 64 * 1024;
+/// Bytes waiting to be written to one connection: with the kernel's send
+/// buffer ([`SEND_BUFFER`], which Linux doubles), a few seconds of audio.
+pub(super) const MAX_QUEUED: usize = 32 * 1024;
+/// Send buffer asked of the kernel: small, so that a receiver that stops
+/// reading fills our queue (and is dropped) within seconds, instead of the
+/// kernel holding minutes of audio for it.
+const SEND_BUFFER: usize = 16 * 1024;
 /// How long a connection naming an unknown ufrag waits for that peer (its
 /// answer and its first check may race to the relay).
 pub(super) const WAIT_FOR_PEER: Duration = Duration::from_secs(3);
@@ -99,7 +104,7 @@ impl TcpConns {
         &mut self,
         registry: &Registry,
         stream: std::net::TcpStream,
-    ) -> Result<(), &'static str> {
+    ) -> Result<Token, &'static str> {
         let pending = self.conns.values().filter(|c| c.pending()).count();
         if pending >= MAX_PENDING {
             return Err("too many pending connections");
@@ -107,6 +112,7 @@ impl TcpConns {
         let remote = stream.peer_addr().map_err(|_| "connection already gone")?;
         stream.set_nonblocking(true).map_err(|_| "socket error")?;
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let mut stream = TcpStream::from_std(stream);
         let token = Token(FIRST_TOKEN + self.next_token);
         self.next_token += 1;
@@ -126,7 +132,7 @@ impl TcpConns {
             },
         );
         metrics().ice_tcp_connections.inc();
-        Ok(())
+        Ok(token)
     }
 
     pub fn len(&self) -> usize {
@@ -280,5 +286,102 @@ impl TcpConns {
         m.ice_tcp_closed.with_label_values(&[why]).inc();
         tracing::debug!(remote = %conn.remote, reason = why, "ICE-TCP connection closed");
         Some((conn.remote, conn.link))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    use mio::Poll;
+
+    /// A connection accepted from `listener`, and its client end.
+    fn accepted(listener: &TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (server, client)
+    }
+
+    #[test]
+    fn connections_without_a_peer_are_capped() {
+        let poll = Poll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut conns = TcpConns::default();
+        let mut clients = Vec::new();
+        let mut tokens = Vec::new();
+        for _ in 0..MAX_PENDING {
+            let (server, client) = accepted(&listener);
+            tokens.push(conns.add(poll.registry(), server).unwrap());
+            clients.push(client);
+        }
+        let (server, _client) = accepted(&listener);
+        assert_eq!(
+            conns.add(poll.registry(), server),
+            Err("too many pending connections")
+        );
+        // One finds its peer: room for another.
+        assert!(conns.bind(tokens[0], 7));
+        let (server, _client) = accepted(&listener);
+        assert!(conns.add(poll.registry(), server).is_ok());
+        assert_eq!(conns.of_peer(7), vec![tokens[0]]);
+        // A peer has a bounded share of connections.
+        for t in &tokens[1..MAX_PER_PEER] {
+            assert!(conns.bind(*t, 7));
+        }
+        assert!(!conns.bind(tokens[MAX_PER_PEER], 7));
+    }
+
+    #[test]
+    fn packets_are_cut_from_reads_and_an_oversize_length_closes() {
+        let poll = Poll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut conns = TcpConns::default();
+        let (server, mut client) = accepted(&listener);
+        let token = conns.add(poll.registry(), server).unwrap();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, b"first").unwrap();
+        write_frame(&mut bytes, b"second").unwrap();
+        client.write_all(&bytes[..4]).unwrap();
+        client.write_all(&bytes[4..]).unwrap();
+        let mut packets = Vec::new();
+        let until = Instant::now() + Duration::from_secs(5);
+        while packets.len() < 2 && Instant::now() < until {
+            assert_eq!(conns.read(token, &mut packets), Ok(false));
+        }
+        assert_eq!(packets, vec![b"first".to_vec(), b"second".to_vec()]);
+        client.write_all(&[0xff, 0xff, 0, 0]).unwrap();
+        let mut result = Ok(false);
+        while result == Ok(false) && Instant::now() < until {
+            result = conns.read(token, &mut packets);
+        }
+        assert_eq!(result, Err("frame too long"));
+        drop(client);
+    }
+
+    #[test]
+    fn a_receiver_that_stops_reading_is_dropped_at_the_queue_bound() {
+        let poll = Poll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut conns = TcpConns::default();
+        let (server, client) = accepted(&listener);
+        let remote = server.peer_addr().unwrap();
+        let token = conns.add(poll.registry(), server).unwrap();
+        assert!(conns.bind(token, 1));
+        let packet = [0x80u8; 1000];
+        let mut sent = 0usize;
+        let refused = loop {
+            match conns.send(remote, &packet) {
+                Ok(()) => sent += packet.len(),
+                Err(e) => break e,
+            }
+            // The kernel's buffers on both ends are finite: the queue fills.
+            assert!(sent < 64 << 20, "never refused after {sent} bytes");
+        };
+        assert_eq!(refused, (token, "too slow: write queue full"));
+        assert!(sent >= MAX_QUEUED, "{sent}");
+        // A packet for no connection is dropped quietly.
+        assert_eq!(conns.send("127.0.0.1:9".parse().unwrap(), &packet), Ok(()));
+        drop(client);
     }
 }

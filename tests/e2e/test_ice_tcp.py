@@ -28,8 +28,10 @@ import pytest
 from browser import CHROMIUM, chromium_args
 from clients import Clients, ToneReceiver, ToneSender, assert_tone, http, run, sine_wav_bytes
 from relay_server import RelayServer
+from conftest import _finish
 from test_limits import scrape, wait_metric
 from test_mp3 import assert_clean_tone, ffmpeg_capture
+from test_tls import TlsRelay, start_tls
 from test_web_page import PageWatch, page_site, wait_heard
 from udp_blocked import PC_HOOK, as_user, chromium_wrapper, give, udp_blocked_user, user_dir
 
@@ -70,7 +72,7 @@ async def wait_tcp_peers(server: RelayServer, n: int, still_open: bool = True) -
 
 
 @contextlib.asynccontextmanager
-async def chromium_as_user(home: Path, wav: Path) -> AsyncIterator[Any]:
+async def chromium_as_user(home: Path, wav: Path, extra_args: tuple[str, ...] = ()) -> AsyncIterator[Any]:
     """Chromium run as the UDP-blocked user (a persistent context in a profile it owns)."""
     from playwright.async_api import async_playwright
 
@@ -79,7 +81,7 @@ async def chromium_as_user(home: Path, wav: Path) -> AsyncIterator[Any]:
     async with async_playwright() as p:
         ctx = await asyncio.wait_for(
             p.chromium.launch_persistent_context(
-                str(profile), executable_path=str(exe), headless=True, args=chromium_args(give(home, wav)),
+                str(profile), executable_path=str(exe), headless=True, args=[*chromium_args(give(home, wav)), *extra_args],
                 viewport={"width": 1000, "height": 760}, timeout=30000,
             ),
             40,
@@ -100,26 +102,51 @@ async def open_hooked(ctx: Any, url: str, name: str) -> PageWatch:
     return w
 
 
+async def send_and_listen(ctx: Any, url: str, port: int, who: str) -> None:
+    """Page A sends, page B listens to it and hears the tone; both over TCP to ``port``."""
+    a = await open_hooked(ctx, url, "A(sender)")
+    await a.page.click("#send-btn", timeout=5000)
+    sid = await a.wait("voiceRelay.sendState === 'live' && voiceRelay.streamId", 25, "A live")
+    b = await open_hooked(ctx, url, "B(listener)")
+    item = f'li.stream[data-stream="{sid}"]'
+    await b.page.wait_for_selector(item, timeout=10000)
+    await b.page.click(f"{item} button.listen", timeout=5000)
+    await b.wait(f"voiceRelay.listenState === 'listening' && voiceRelay.listeningTo === '{sid}'", 20,
+                 "B listening")
+    heard = await wait_heard(b, TONE)
+    print(f"\n{who} (UDP dropped) heard {heard:.1f} Hz")
+    assert_tcp_pairs(await a.page.evaluate("window.__selectedPairs()"), port, "A")
+    assert_tcp_pairs(await b.page.evaluate("window.__selectedPairs()"), port, "B")
+    for w in (a, b):
+        assert not w.errors, f"{w.name} page errors: {w.errors}"
+
+
 def test_chromium_sends_and_listens_over_tcp_when_udp_is_blocked(server: RelayServer, wav: Path) -> None:
     async def body() -> None:
         with udp_blocked_user() as home:
             async with page_site(server) as url, chromium_as_user(home, wav) as ctx:
-                a = await open_hooked(ctx, url(), "A(sender)")
-                await a.page.click("#send-btn", timeout=5000)
-                sid = await a.wait("voiceRelay.sendState === 'live' && voiceRelay.streamId", 25, "A live")
-                b = await open_hooked(ctx, url(), "B(listener)")
-                item = f'li.stream[data-stream="{sid}"]'
-                await b.page.wait_for_selector(item, timeout=10000)
-                await b.page.click(f"{item} button.listen", timeout=5000)
-                await b.wait(f"voiceRelay.listenState === 'listening' && voiceRelay.listeningTo === '{sid}'", 20,
-                             "B listening")
-                heard = await wait_heard(b, TONE)
-                print(f"\nChromium (UDP dropped) heard {heard:.1f} Hz")
-                assert_tcp_pairs(await a.page.evaluate("window.__selectedPairs()"), server.port, "A")
-                assert_tcp_pairs(await b.page.evaluate("window.__selectedPairs()"), server.port, "B")
+                await send_and_listen(ctx, url(), server.port, "Chromium")
                 await wait_tcp_peers(server, 2)
-                for w in (a, b):
-                    assert not w.errors, f"{w.name} page errors: {w.errors}"
+
+    run(body(), 120)
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path):  # noqa: ANN201
+    srv = start_tls(tmp_path, "server", tmp_path / "relay-data")
+    try:
+        yield srv
+    finally:
+        _finish(srv)
+
+
+def test_chromium_over_tcp_on_the_https_port(tls_server: TlsRelay, wav: Path) -> None:
+    """With TLS on, the same port tells a TLS ClientHello from ICE-TCP."""
+
+    async def body() -> None:
+        with udp_blocked_user() as home:
+            async with chromium_as_user(home, wav, ("--ignore-certificate-errors",)) as ctx:
+                await send_and_listen(ctx, tls_server.https + "/", tls_server.port, "Chromium on HTTPS")
 
     run(body(), 120)
 

@@ -22,7 +22,7 @@ impl Relay {
         if self.tcp_label.is_none() {
             return; // no TCP candidate was offered: nothing may use one
         }
-        if let Err(why) = self.tcp.add(self.poll.registry(), stream) {
+        if let Err(why) = self.tcp.add(self.poll.registry(), stream).map(drop) {
             tracing::info!(reason = why, "ICE-TCP connection refused");
             crate::metrics::metrics()
                 .ice_tcp_closed
