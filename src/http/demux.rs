@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::peek::{peek_until, Peeked};
 use crate::metrics::metrics;
 use crate::relay::{Command, RelayHandle};
 
@@ -28,9 +29,6 @@ const DECIDING: usize = 2 + 8;
 /// Longest frame a first STUN check may come in (the relay's frame limit).
 const MAX_ICE_FIRST: usize = 2048;
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-/// Pauses between peeks while the deciding bytes arrive in pieces.
-const PEEK_PAUSE_FIRST: Duration = Duration::from_millis(5);
-const PEEK_PAUSE_MAX: Duration = Duration::from_millis(250);
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,28 +135,16 @@ where
 /// nothing (or too little) in time, or closes.
 async fn first_bytes(stream: &TcpStream) -> Option<FirstBytes> {
     let mut buf = [0u8; DECIDING];
-    let deadline = tokio::time::Instant::now() + FIRST_BYTES_TIMEOUT;
-    let mut pause = PEEK_PAUSE_FIRST;
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        match classify(&buf[..n]) {
-            FirstBytes::NeedMore => {}
-            decided => return Some(decided),
-        }
-        // Part of a possible frame: wait for the rest (peek returns at once
-        // while bytes are buffered).
-        if tokio::time::Instant::now() + pause > deadline {
-            return None;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(PEEK_PAUSE_MAX);
-    }
+    peek_until(
+        stream,
+        &mut buf,
+        FIRST_BYTES_TIMEOUT,
+        |bytes| match classify(bytes) {
+            FirstBytes::NeedMore => Peeked::More,
+            decided => Peeked::Decided(decided),
+        },
+    )
+    .await
 }
 
 fn hand_to_relay(relay: &RelayHandle, stream: TcpStream) {

@@ -7,6 +7,7 @@
 
 mod demux;
 mod mp3_direct;
+mod peek;
 mod whep;
 mod whip;
 
