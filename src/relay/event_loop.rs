@@ -160,19 +160,15 @@ impl Relay {
                     return Err(e);
                 }
             }
-            let mut udp = false;
-            for ev in events.iter() {
-                match ev.token() {
-                    SOCKET => udp = true,
-                    Token(t) if t >= FIRST_TOKEN => {
-                        let (r, w) = (ev.is_readable() || ev.is_read_closed(), ev.is_writable());
-                        self.on_tcp_event(ev.token(), r, w);
-                    }
-                    _ => {}
-                }
-            }
-            if udp {
+            // The UDP socket first: ICE-TCP connections never hold up its datagrams.
+            if events.iter().any(|ev| ev.token() == SOCKET) {
                 self.read_socket(&mut buf);
+            }
+            for ev in events.iter() {
+                if ev.token().0 >= FIRST_TOKEN {
+                    let readable = ev.is_readable() || ev.is_read_closed();
+                    self.on_tcp_event(ev.token(), readable, ev.is_writable());
+                }
             }
         }
     }
