@@ -123,7 +123,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         tcp_first_bytes: counter_vec(
             "tcp_first_bytes_total",
-            "Connections to the HTTP port by what their first bytes were: http (or TLS), ice (RFC 4571 STUN), silent (nothing in time, closed), closed",
+            "Connections to the HTTP port by what their first bytes were: http (or TLS), ice (RFC 4571 STUN), silent (nothing in time, or closed first)",
             "kind",
         )?,
         handshake_seconds: histogram(

@@ -11,6 +11,7 @@
 
 mod client;
 mod histogram;
+mod link;
 mod media;
 mod procstat;
 
@@ -128,6 +129,11 @@ struct Args {
     /// The whole run stops by itself after this long.
     #[arg(long, default_value_t = 540)]
     max_run_secs: u64,
+
+    /// Every Nth receiver connects over ICE-TCP (the relay's HTTP port)
+    /// instead of UDP: 2 = half of them; 0 = none.
+    #[arg(long, default_value_t = 0)]
+    tcp_every: u64,
 }
 
 /// A server we started; stopped when dropped.
@@ -369,6 +375,7 @@ async fn run(args: Args, addr: SocketAddr, server_pid: Option<u32>) -> Result<()
         sender_worker.clone(),
         receiver_workers.clone(),
         stop_rx,
+        args.tcp_every,
     ));
 
     let outcome = tokio::select! {
