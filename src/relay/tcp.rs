@@ -45,7 +45,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Whose packets a connection carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Link {
+pub(super) enum ConnState {
     /// Nothing read yet.
     New,
     /// Its first check names `ufrag`, which no peer has yet; the check is
@@ -61,13 +61,13 @@ struct Conn {
     reader: FrameReader,
     /// Framed packets not yet taken by the kernel.
     queued: Vec<u8>,
-    link: Link,
+    link: ConnState,
     opened: Instant,
 }
 
 impl Conn {
     fn pending(&self) -> bool {
-        !matches!(self.link, Link::Peer(_))
+        !matches!(self.link, ConnState::Peer(_))
     }
 
     /// Writes what is queued until the kernel takes no more.
@@ -127,7 +127,7 @@ impl TcpConns {
                 remote,
                 reader: FrameReader::default(),
                 queued: Vec::new(),
-                link: Link::New,
+                link: ConnState::New,
                 opened: Instant::now(),
             },
         );
@@ -203,7 +203,7 @@ impl TcpConns {
         conn.flush().map_err(|why| (token, why))
     }
 
-    pub fn link(&self, token: Token) -> Option<&Link> {
+    pub fn link(&self, token: Token) -> Option<&ConnState> {
         self.conns.get(&token).map(|c| &c.link)
     }
 
@@ -218,7 +218,7 @@ impl TcpConns {
             return false;
         }
         if let Some(conn) = self.conns.get_mut(&token) {
-            conn.link = Link::Peer(peer);
+            conn.link = ConnState::Peer(peer);
         }
         true
     }
@@ -226,7 +226,7 @@ impl TcpConns {
     /// The connection's first check names `ufrag`, of no peer yet.
     pub fn wait(&mut self, token: Token, ufrag: String, first: &[u8]) {
         if let Some(conn) = self.conns.get_mut(&token) {
-            conn.link = Link::Waiting {
+            conn.link = ConnState::Waiting {
                 ufrag,
                 first: first.to_vec(),
             };
@@ -237,8 +237,10 @@ impl TcpConns {
     pub fn take_waiting(&mut self, ufrag: &str) -> Vec<(Token, Vec<u8>)> {
         let mut found = Vec::new();
         for (token, conn) in self.conns.iter_mut() {
-            if matches!(&conn.link, Link::Waiting { ufrag: u, .. } if u == ufrag) {
-                if let Link::Waiting { first, .. } = std::mem::replace(&mut conn.link, Link::New) {
+            if matches!(&conn.link, ConnState::Waiting { ufrag: u, .. } if u == ufrag) {
+                if let ConnState::Waiting { first, .. } =
+                    std::mem::replace(&mut conn.link, ConnState::New)
+                {
                     found.push((*token, first));
                 }
             }
@@ -250,7 +252,7 @@ impl TcpConns {
     pub fn of_peer(&self, peer: PeerId) -> Vec<Token> {
         self.conns
             .iter()
-            .filter(|(_, c)| c.link == Link::Peer(peer))
+            .filter(|(_, c)| c.link == ConnState::Peer(peer))
             .map(|(t, _)| *t)
             .collect()
     }
@@ -263,8 +265,10 @@ impl TcpConns {
             .filter_map(|(token, c)| {
                 let age = now.saturating_duration_since(c.opened);
                 match c.link {
-                    Link::Waiting { .. } if age >= WAIT_FOR_PEER => Some((*token, "unknown ufrag")),
-                    Link::New if age >= handshake => Some((*token, "handshake timed out")),
+                    ConnState::Waiting { .. } if age >= WAIT_FOR_PEER => {
+                        Some((*token, "unknown ufrag"))
+                    }
+                    ConnState::New if age >= handshake => Some((*token, "handshake timed out")),
                     _ => None,
                 }
             })
@@ -277,7 +281,7 @@ impl TcpConns {
         registry: &Registry,
         token: Token,
         why: &'static str,
-    ) -> Option<(SocketAddr, Link)> {
+    ) -> Option<(SocketAddr, ConnState)> {
         let mut conn = self.conns.remove(&token)?;
         self.by_remote.remove(&conn.remote);
         let _ = registry.deregister(&mut conn.stream);

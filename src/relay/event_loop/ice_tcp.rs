@@ -14,7 +14,7 @@ use str0m::Input;
 use super::Relay;
 use crate::relay::handle::PeerId;
 use crate::relay::routing;
-use crate::relay::tcp::Link;
+use crate::relay::tcp::ConnState;
 
 impl Relay {
     /// A connection the HTTP listener recognised as ICE-TCP.
@@ -60,11 +60,11 @@ impl Relay {
     /// naming the peer by its ufrag.
     fn tcp_packet(&mut self, token: Token, packet: &[u8]) {
         match self.tcp.link(token) {
-            Some(Link::Peer(id)) => {
+            Some(ConnState::Peer(id)) => {
                 let id = *id;
                 self.tcp_input(token, id, packet);
             }
-            Some(Link::New) => {
+            Some(ConnState::New) => {
                 let Some(ufrag) = routing::stun_ufrag(packet) else {
                     self.close_tcp(token, "first packet not a STUN check");
                     return;
@@ -75,7 +75,7 @@ impl Relay {
                 }
             }
             // Checks repeated while waiting for the peer: the first is kept.
-            Some(Link::Waiting { .. }) | None => {}
+            Some(ConnState::Waiting { .. }) | None => {}
         }
     }
 
@@ -136,7 +136,7 @@ impl Relay {
 
     /// Closes a connection; a peer whose media went over it closes too.
     pub(super) fn close_tcp(&mut self, token: Token, why: &'static str) {
-        let Some((remote, Link::Peer(id))) = self.tcp.close(self.poll.registry(), token, why)
+        let Some((remote, ConnState::Peer(id))) = self.tcp.close(self.poll.registry(), token, why)
         else {
             return;
         };
