@@ -26,7 +26,7 @@ fi
 step() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. system packages ---------------------------------------------------
-APT_PACKAGES=(cmake pkg-config ffmpeg chromium coturn iproute2 util-linux icecast2)
+APT_PACKAGES=(cmake pkg-config ffmpeg chromium firefox-esr iptables coturn iproute2 util-linux icecast2)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -64,7 +64,8 @@ else
   step "venv up to date ($VENV)"
 fi
 
-# --- 2b. Browser-side clients (npm): the WHIP/WHEP client served to Chromium --
+# --- 2b. Browser-side clients (npm): the WHIP/WHEP client served to Chromium, and
+# puppeteer-core, which drives Firefox ESR over WebDriver BiDi ------------------
 NODE_DIR="$ROOT/tests/e2e/node"
 NODE_STAMP="$NODE_DIR/node_modules/.lock.sha256"
 want_node="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"

@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use voice_relay::config::{Action, Config};
-use voice_relay::http::{self, AppState, Mp3Acceptor, TuneSocket};
+use voice_relay::http::{self, AppState, IceTcpDemux, Mp3Acceptor, TuneSocket};
 use voice_relay::ice_servers::IceServers;
 use voice_relay::icecast;
 use voice_relay::liveness::Liveness;
@@ -102,9 +102,17 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
         .into_iter()
         .map(|ip| SocketAddr::new(ip, rtc_bind.port()))
         .collect();
+    // ICE-TCP shares the main listener's port: its acceptor hands those
+    // connections to the relay.
+    let announce_tcp: Vec<SocketAddr> = config
+        .announce_ips()
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, config.listen.port()))
+        .collect();
     let (relay, relay_thread) = relay::start(RelayConfig {
         bind: rtc_bind,
         announce,
+        announce_tcp,
         sender_idle: config.sender_idle(),
         handshake_timeout: config.handshake_timeout(),
         forward_threads: config.forward_threads,
@@ -157,14 +165,20 @@ async fn run(config: Config, ice_servers: IceServers) -> anyhow::Result<()> {
                 .await
                 .context("loading the TLS certificate and key")?;
             let server = axum_server::from_tcp(main_std)?
-                .acceptor(RustlsAcceptor::new(rustls).acceptor(TuneSocket))
+                .acceptor(
+                    RustlsAcceptor::new(rustls)
+                        .acceptor(IceTcpDemux::new(TuneSocket, relay.clone())),
+                )
                 .handle(handle.clone());
             servers.spawn(async move { server.serve(main_app).await });
             tracing::info!(listen = %config.listen, "voice relay ready (HTTPS + WSS)");
         }
         None => {
             let server = axum_server::from_tcp(main_std)?
-                .acceptor(Mp3Acceptor::new(state.clone()))
+                .acceptor(IceTcpDemux::new(
+                    Mp3Acceptor::new(state.clone()),
+                    relay.clone(),
+                ))
                 .handle(handle.clone());
             servers.spawn(async move { server.serve(main_app).await });
             tracing::info!(listen = %config.listen, "voice relay ready (HTTP + WebSocket)");

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub udp_dropped: IntCounterVec,
     pub peers_connected: IntCounterVec,
     pub peers_closed: IntCounterVec,
+    pub peers_transport: IntCounterVec,
+    pub ice_tcp_connections: IntGauge,
+    pub ice_tcp_closed: IntCounterVec,
+    pub tcp_first_bytes: IntCounterVec,
     pub handshake_seconds: Histogram,
     pub offer_answer_seconds: Histogram,
     pub mp3_listeners_dropped_slow: IntCounter,
@@ -114,6 +118,25 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "role",
         )?,
         peers_closed: counter_vec("peers_closed_total", "Peers closed, by reason", "reason")?,
+        peers_transport: counter_vec(
+            "peers_connected_transport_total",
+            "Peers that completed ICE and DTLS, by the transport of their media (udp, tcp)",
+            "transport",
+        )?,
+        ice_tcp_connections: gauge(
+            "ice_tcp_connections",
+            "ICE-TCP connections open in the media relay",
+        )?,
+        ice_tcp_closed: counter_vec(
+            "ice_tcp_closed_total",
+            "ICE-TCP connections closed (or refused), by reason",
+            "reason",
+        )?,
+        tcp_first_bytes: counter_vec(
+            "tcp_first_bytes_total",
+            "Connections to the HTTP port by what their first bytes were: http (or TLS), ice (RFC 4571 STUN), silent (nothing in time, or closed first)",
+            "kind",
+        )?,
         handshake_seconds: histogram(
             "handshake_seconds",
             "Time from a peer's hand-over to the relay to ICE+DTLS connected",

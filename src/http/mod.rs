@@ -5,10 +5,13 @@
 //! (`mp3_direct.rs`, which serves both formats); the route here serves them
 //! behind TLS and for `HEAD`.
 
+mod demux;
 mod mp3_direct;
+mod peek;
 mod whep;
 mod whip;
 
+pub use demux::{classify, FirstBytes, IceTcpDemux, NotHttp};
 pub use mp3_direct::{Mp3Acceptor, TakenOver};
 
 use std::net::SocketAddr;

@@ -16,17 +16,13 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::peek::{peek_until, Peeked};
 use super::{find_live_stream, stream_file, tune, AppState, Refusal};
 
 /// Longest request head we look at; larger ones go to the router.
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pauses between peeks while a head arrives in pieces (rare: one segment is
-/// usual): the first is short, each next one twice as long up to the last, so
-/// a client trickling its head cannot make us spin.
-const PEEK_PAUSE_FIRST: Duration = Duration::from_millis(5);
-const PEEK_PAUSE_MAX: Duration = Duration::from_millis(250);
 
 /// The acceptor of plain-HTTP listeners: tunes the socket and takes over
 /// live MP3 requests.
@@ -101,33 +97,20 @@ struct Mp3Request {
 async fn peek_mp3_request(stream: &TcpStream) -> Option<Box<Mp3Request>> {
     const PREFIX: &[u8] = b"GET /stream/";
     let mut buf = vec![0u8; MAX_HEAD];
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    let mut pause = PEEK_PAUSE_FIRST;
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
+    let decided = peek_until(stream, &mut buf, HEAD_TIMEOUT, |bytes| {
+        let seen = bytes.len().min(PREFIX.len());
+        if bytes[..seen] != PREFIX[..seen] {
+            return Peeked::Decided(None);
         }
-        let seen = n.min(PREFIX.len());
-        if buf[..seen] != PREFIX[..seen] {
-            return None;
+        match parse_head(bytes) {
+            Parsed::Mp3(request) => Peeked::Decided(Some(request)),
+            Parsed::Other => Peeked::Decided(None),
+            Parsed::Partial if bytes.len() == MAX_HEAD => Peeked::Decided(None),
+            Parsed::Partial => Peeked::More,
         }
-        match parse_head(&buf[..n]) {
-            Parsed::Mp3(request) => return Some(request),
-            Parsed::Other => return None,
-            Parsed::Partial if n == buf.len() => return None,
-            Parsed::Partial => {
-                if tokio::time::Instant::now() + pause > deadline {
-                    return None;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(PEEK_PAUSE_MAX);
-            }
-        }
-    }
+    })
+    .await;
+    decided.flatten()
 }
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use str0m::net::Protocol;
 use str0m::rtp::RtpPacket;
 use str0m::{Event, IceConnectionState, Output};
 
@@ -29,10 +30,16 @@ pub(super) fn drain(peer: &mut Peer, out: &mut Outbox, forward: &mut Vec<RtpPack
             Ok(Output::Transmit(t)) => {
                 // STUN (first byte < 20) answers any candidate pair; DTLS and
                 // SRTCP go to the nominated one, where forwarded RTP goes too.
+                let tcp = t.proto == Protocol::Tcp;
                 if t.contents.first().is_some_and(|b| *b >= 20) {
                     peer.media_to = Some(t.destination);
+                    peer.media_over_tcp = tcp;
                 }
-                out.push(t.destination, t.contents.into());
+                if tcp {
+                    out.push_tcp(t.destination, t.contents.into());
+                } else {
+                    out.push(t.destination, t.contents.into());
+                }
             }
             Ok(Output::Event(ev)) => on_event(peer, ev, forward),
             Err(e) => {
@@ -77,6 +84,8 @@ fn on_connected(peer: &mut Peer) {
     let _ = peer.events.send(PeerEvent::Connected(peer.id));
     let m = metrics();
     m.peers_connected.with_label_values(&[role]).inc();
+    let transport = if peer.media_over_tcp { "tcp" } else { "udp" };
+    m.peers_transport.with_label_values(&[transport]).inc();
     m.handshake_seconds
         .observe(peer.created.elapsed().as_secs_f64());
 }

@@ -3,8 +3,11 @@
 //! and the socket's datagrams, feeds each to the one peer it concerns, and
 //! forwards the RTP a sender produced. A peer's life (added, connected,
 //! closing, freed) is run here; what a peer is lives in [`super::peer`], how
-//! a datagram finds its peer in [`super::routing`], and how a packet reaches
-//! many receivers in [`super::forward`].
+//! a datagram finds its peer in [`super::routing`], how a packet reaches
+//! many receivers in [`super::forward`], and the ICE-TCP connections in
+//! `ice_tcp`.
+
+mod ice_tcp;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -29,6 +32,7 @@ use super::leg::Leg;
 use super::outbox::Outbox;
 use super::peer::{Expiry, Peer, PeerKind, Peers, Timeouts, CLOSE_GRACE};
 use super::routing::Routes;
+use super::tcp::{TcpConns, FIRST_TOKEN};
 use super::timers::Timers;
 use crate::metrics::metrics;
 use crate::mp3::PacketSink;
@@ -74,6 +78,21 @@ pub(super) struct Relay {
     next_housekeeping: Instant,
     counters: RelayCounters,
     pool: ForwardPool,
+    /// ICE-TCP connections handed over by the HTTP listener.
+    tcp: TcpConns,
+    /// The address str0m is told ICE-TCP packets arrive on (our first TCP
+    /// candidate); `None` when no TCP candidate is offered.
+    tcp_label: Option<SocketAddr>,
+    /// Reused buffers: packets read from a connection, packets to write.
+    tcp_packets: Vec<Vec<u8>>,
+    tcp_sends: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// Where the relay is reached: the address str0m is told UDP datagrams
+/// arrive on (our first host candidate), and the same for ICE-TCP.
+pub(super) struct Labels {
+    pub udp: SocketAddr,
+    pub tcp: Option<SocketAddr>,
 }
 
 impl Relay {
@@ -81,7 +100,7 @@ impl Relay {
         socket: UdpSocket,
         poll: Poll,
         commands: Receiver<Command>,
-        local_label: SocketAddr,
+        labels: Labels,
         limits: Timeouts,
         forward_threads: usize,
     ) -> Self {
@@ -94,7 +113,7 @@ impl Relay {
             commands,
             out: Outbox::new(fd),
             timers: Timers::default(),
-            local_label,
+            local_label: labels.udp,
             peers: Peers::default(),
             routes: Routes::default(),
             streams: HashMap::new(),
@@ -103,6 +122,10 @@ impl Relay {
             next_housekeeping: Instant::now() + HOUSEKEEPING,
             counters: RelayCounters::default(),
             pool: ForwardPool::new(forward::workers(forward_threads)),
+            tcp: TcpConns::default(),
+            tcp_label: labels.tcp,
+            tcp_packets: Vec::new(),
+            tcp_sends: Vec::new(),
         }
     }
 
@@ -110,7 +133,7 @@ impl Relay {
     /// the thread that made this relay (its forwarding threads share that
     /// thread's priority).
     pub fn run(mut self) -> std::io::Result<()> {
-        let mut events = Events::with_capacity(16);
+        let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 2048];
         let mut shutting_down: Option<Instant> = None;
         loop {
@@ -121,6 +144,7 @@ impl Relay {
             let now = Instant::now();
             self.handle_timers(now);
             if now >= self.next_housekeeping {
+                self.expire_tcp(now);
                 self.counters.publish(&self.out);
                 self.next_housekeeping = now + HOUSEKEEPING;
             }
@@ -130,7 +154,7 @@ impl Relay {
                     return Ok(());
                 }
             }
-            self.out.flush();
+            self.flush_out();
             let wait = self
                 .next_deadline()
                 .saturating_duration_since(Instant::now())
@@ -141,10 +165,23 @@ impl Relay {
                     return Err(e);
                 }
             }
+            // The UDP socket first: ICE-TCP connections never hold up its datagrams.
             if events.iter().any(|ev| ev.token() == SOCKET) {
                 self.read_socket(&mut buf);
             }
+            for ev in events.iter() {
+                if ev.token().0 >= FIRST_TOKEN {
+                    let readable = ev.is_readable() || ev.is_read_closed();
+                    self.on_tcp_event(ev.token(), readable, ev.is_writable());
+                }
+            }
         }
+    }
+
+    /// Sends what peers queued: the UDP datagrams, then the ICE-TCP packets.
+    fn flush_out(&mut self) {
+        self.out.flush();
+        self.send_tcp();
     }
 
     /// Handles the queued commands; true if the relay is to shut down.
@@ -206,6 +243,7 @@ impl Relay {
             }
             Command::ClosePeer { peer } => self.close_peer(peer, "closed by client"),
             Command::EndStream { stream } => self.end_stream(&stream, STREAM_ENDED),
+            Command::IceTcp { stream } => self.add_tcp(stream),
             Command::Shutdown => {}
             #[cfg(test)]
             Command::Crash => panic!("relay thread crash asked by a test"),
@@ -247,12 +285,14 @@ impl Relay {
         let peer = Peer::new(id, rtc, kind, stream, events, ufrag, self.limits);
         tracing::debug!(peer = id, role = peer.role_name(), stream = %peer.stream, "peer added");
         let early = self.routes.add(&peer);
+        let ufrag = peer.ufrag.clone();
         self.peers.insert(peer);
         self.drain_peer(id, None);
         let now = Instant::now();
         for (source, data) in early {
             self.handle_datagram(source, &data, now);
         }
+        self.bind_waiting_tcp(&ufrag, id);
     }
 
     /// Routes the far end's addresses to a push peer we dial; its answers
@@ -305,7 +345,7 @@ impl Relay {
             },
         );
         self.input(id, input, Some(arrived));
-        self.out.flush();
+        self.flush_out();
     }
 
     /// Feeds one input to a peer, then drains it (a failed peer is closed).
@@ -344,6 +384,7 @@ impl Relay {
             self.forward_packet(&stream, pkt, at);
         }
         self.forward = packets;
+        self.send_tcp();
     }
 
     /// Sends one sender packet to every connected receiver of the stream and
@@ -402,7 +443,7 @@ impl Relay {
                 None => self.input(id, Input::Timeout(now), None),
             }
         }
-        self.out.flush();
+        self.flush_out();
     }
 
     fn next_deadline(&self) -> Instant {
@@ -445,6 +486,7 @@ impl Relay {
         self.close_peer(id, "peer disconnected");
         if let Some(p) = self.peers.remove(id) {
             self.routes.remove(&p);
+            self.close_tcp_of_peer(id);
             tracing::debug!(peer = id, "peer freed");
         }
     }

@@ -219,7 +219,7 @@ impl ForwardPool {
         });
         for (_, own, t) in rest {
             tally.merge(t);
-            out.absorb_counts(&own);
+            out.absorb(own);
         }
         tally
     }
@@ -265,6 +265,10 @@ fn protect_and_send(
     // Contained like str0m's calls: a panic drops this peer, not the relay.
     let sealed = peer.contained(|p| p.leg_mut().and_then(|leg| protect(leg, pkt, index)));
     match sealed {
+        Some(Some(Ok(datagram))) if peer.media_over_tcp => {
+            out.push_tcp(dest, datagram);
+            SendResult::Sent
+        }
         Some(Some(Ok(datagram))) => {
             out.push_forward(dest, datagram, pkt.arrived);
             SendResult::Sent

@@ -13,6 +13,7 @@ use mio::Waker;
 use str0m::change::SdpPendingOffer;
 use str0m::config::DtlsCert;
 use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::TcpType;
 use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, Rtc, RtcConfig};
 use tokio::sync::mpsc::UnboundedSender;
@@ -73,6 +74,9 @@ pub enum Command {
     ClosePeer { peer: PeerId },
     /// End a stream: close its sender and every receiver.
     EndStream { stream: Arc<str> },
+    /// An accepted TCP connection whose first bytes are an RFC 4571 framed
+    /// STUN binding request: an ICE-TCP connection for the relay to own.
+    IceTcp { stream: std::net::TcpStream },
     /// Close everything and stop the loop.
     Shutdown,
     /// Panics the relay thread outside any peer's containment: lets tests
@@ -94,7 +98,7 @@ pub enum RelayError {
 pub struct RelayHandle {
     commands: SyncSender<Command>,
     waker: Arc<Waker>,
-    candidates: Arc<Vec<SocketAddr>>,
+    candidates: Arc<Vec<Candidate>>,
     cert: DtlsCert,
     next_peer: Arc<AtomicU64>,
 }
@@ -103,7 +107,7 @@ impl RelayHandle {
     pub(super) fn new(
         commands: SyncSender<Command>,
         waker: Arc<Waker>,
-        candidates: Vec<SocketAddr>,
+        candidates: Vec<Candidate>,
         cert: DtlsCert,
     ) -> Self {
         RelayHandle {
@@ -170,20 +174,39 @@ pub fn offer_audio(rtc: &mut Rtc, stream: &str) -> Option<(Mid, String, SdpPendi
 }
 
 /// A receiver peer as the relay builds it (see [`RtcBuilder::receiver`]), for
-/// `cert` and the host `candidates`: also what the receiver-memory benchmark
+/// `cert` and the host `candidates` (see [`host_candidates`]): also what the receiver-memory benchmark
 /// (`bench/webrtc`) measures.
-pub fn receiver_rtc(cert: &DtlsCert, candidates: &[SocketAddr]) -> (Rtc, KeySlot) {
+pub fn receiver_rtc(cert: &DtlsCert, candidates: &[Candidate]) -> (Rtc, KeySlot) {
     RtcBuilder::new(cert, candidates).receiver()
+}
+
+/// Our host candidates, in the order given: one UDP candidate per address
+/// in `udp`, then a passive TCP candidate per address in `tcp`. str0m gives
+/// a TCP host candidate a lower type preference (90) than a UDP one (126),
+/// so a client that reaches us over UDP keeps using it.
+pub fn host_candidates(udp: &[SocketAddr], tcp: &[SocketAddr]) -> Vec<Candidate> {
+    let udp = udp
+        .iter()
+        .filter_map(|a| Candidate::builder().udp().host(*a).build().ok());
+    let tcp = tcp.iter().filter_map(|a| {
+        Candidate::builder()
+            .tcp()
+            .host(*a)
+            .tcptype(TcpType::Passive)
+            .build()
+            .ok()
+    });
+    udp.chain(tcp).collect()
 }
 
 /// Builds the `Rtc` of one peer of this relay.
 pub(super) struct RtcBuilder<'a> {
     cert: &'a DtlsCert,
-    candidates: &'a [SocketAddr],
+    candidates: &'a [Candidate],
 }
 
 impl<'a> RtcBuilder<'a> {
-    pub(super) fn new(cert: &'a DtlsCert, candidates: &'a [SocketAddr]) -> Self {
+    pub(super) fn new(cert: &'a DtlsCert, candidates: &'a [Candidate]) -> Self {
         RtcBuilder { cert, candidates }
     }
 
@@ -235,10 +258,8 @@ impl<'a> RtcBuilder<'a> {
     }
 
     fn add_candidates(&self, rtc: &mut Rtc) {
-        for addr in self.candidates {
-            if let Ok(c) = Candidate::host(*addr, "udp") {
-                rtc.add_local_candidate(c);
-            }
+        for c in self.candidates {
+            rtc.add_local_candidate(c.clone());
         }
     }
 }

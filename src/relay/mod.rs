@@ -18,12 +18,15 @@
 //!   sequence space), and what str0m says after an input;
 //! - `routing`: which peer a datagram belongs to; `timers`: the wake-ups;
 //! - `forward`: one packet to many receivers; [`srtp`]: their SRTP keys;
-//! - `inbox`, `outbox`: the socket's syscalls; `counters`: the metrics.
+//! - `inbox`, `outbox`: the socket's syscalls; `counters`: the metrics;
+//! - `tcp`, `framing`: ICE-TCP connections (handed over by the HTTP
+//!   listener, which shares their port) and their RFC 4571 framing.
 
 mod counters;
 mod drain;
 mod event_loop;
 mod forward;
+mod framing;
 mod handle;
 mod inbox;
 mod leg;
@@ -31,13 +34,15 @@ mod outbox;
 mod peer;
 mod routing;
 pub mod srtp;
+mod tcp;
 #[cfg(test)]
 mod tests;
 mod timers;
 
 pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
 pub use handle::{
-    offer_audio, receiver_rtc, Command, PeerEvent, PeerEvents, PeerId, RelayError, RelayHandle,
+    host_candidates, offer_audio, receiver_rtc, Command, PeerEvent, PeerEvents, PeerId, RelayError,
+    RelayHandle,
 };
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;
@@ -51,7 +56,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Poll, Waker};
 
 use crate::liveness::Liveness;
-use event_loop::{Relay, SOCKET, WAKER};
+use event_loop::{Labels, Relay, SOCKET, WAKER};
 use peer::Timeouts;
 
 /// Bound on queued commands from signalling.
@@ -62,6 +67,9 @@ const SOCKET_BUFFER: usize = 4 << 20;
 pub struct RelayConfig {
     pub bind: SocketAddr,
     pub announce: Vec<SocketAddr>,
+    /// Passive ICE-TCP candidates (the HTTP listener's port, which hands
+    /// their connections over); empty for none.
+    pub announce_tcp: Vec<SocketAddr>,
     pub sender_idle: Duration,
     pub handshake_timeout: Duration,
     /// Threads forwarding one packet of a large stream (0 = one per core, at most 4).
@@ -95,9 +103,14 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
         .announce
         .first()
         .ok_or_else(|| std::io::Error::other("no address to announce"))?;
-    tracing::info!(bind = %config.bind, candidates = ?config.announce, "media relay listening (UDP)");
+    let labels = Labels {
+        udp: local_label,
+        tcp: config.announce_tcp.first().copied(),
+    };
+    tracing::info!(bind = %config.bind, candidates = ?config.announce, tcp_candidates = ?config.announce_tcp, "media relay listening (UDP, and ICE-TCP on the HTTP port)");
 
-    let handle = RelayHandle::new(tx, waker, config.announce.clone(), cert);
+    let candidates = host_candidates(&config.announce, &config.announce_tcp);
+    let handle = RelayHandle::new(tx, waker, candidates, cert);
     let limits = Timeouts {
         handshake: config.handshake_timeout,
         sender_idle: config.sender_idle,
@@ -109,7 +122,7 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
             let watch = liveness.watch("the media relay thread");
             // First: the forwarding threads the relay starts inherit it.
             crate::priority::for_media_relay();
-            let relay = Relay::new(socket, poll, rx, local_label, limits, forward_threads);
+            let relay = Relay::new(socket, poll, rx, labels, limits, forward_threads);
             match relay.run() {
                 Ok(()) => watch.finish(),
                 Err(e) => watch.fail(format!("the media relay stopped: {e}")),
@@ -126,6 +139,7 @@ pub(crate) fn start_for_test() -> RelayHandle {
     let (relay, _thread) = start(RelayConfig {
         bind: "127.0.0.1:0".parse().expect("addr"),
         announce: vec!["127.0.0.1:9".parse().expect("addr")],
+        announce_tcp: vec!["127.0.0.1:9".parse().expect("addr")],
         sender_idle: Duration::from_secs(60),
         handshake_timeout: Duration::from_secs(60),
         forward_threads: 1,

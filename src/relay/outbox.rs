@@ -2,6 +2,10 @@
 //! to [`BATCH`] datagrams, so forwarding one packet to a thousand receivers
 //! costs a few dozen syscalls instead of a thousand.
 //!
+//! Packets a peer sends over ICE-TCP are only collected here (in order, with
+//! their destination), for the relay thread to write to their connections
+//! after the datagrams went.
+//!
 //! A forwarded copy carries the instant its sender packet arrived; when the
 //! kernel takes the copy, the time since then is the latency the relay added,
 //! recorded in a thread-local histogram merged into `/metrics`.
@@ -25,6 +29,8 @@ const MAX_QUEUED: usize = 4 * BATCH;
 pub struct Outbox {
     fd: RawFd,
     queue: Vec<Datagram>,
+    /// Packets for ICE-TCP connections, by remote address.
+    tcp: Vec<(SocketAddr, Vec<u8>)>,
     /// Relay-added latency of forwarded copies (merged on `publish` / drop).
     latency: LocalHistogram,
     /// Datagrams the kernel refused (buffer full or an unreachable peer).
@@ -48,6 +54,7 @@ impl Outbox {
         Outbox {
             fd,
             queue: Vec::new(),
+            tcp: Vec::new(),
             latency: metrics().forward_latency.local(),
             dropped: 0,
             sent: 0,
@@ -70,6 +77,16 @@ impl Outbox {
         self.enqueue(to, data, Some(arrived));
     }
 
+    /// Queues a packet for the ICE-TCP connection from `to`.
+    pub fn push_tcp(&mut self, to: SocketAddr, data: Vec<u8>) {
+        self.tcp.push((to, data));
+    }
+
+    /// Moves the queued ICE-TCP packets into `into` (which is empty).
+    pub fn take_tcp(&mut self, into: &mut Vec<(SocketAddr, Vec<u8>)>) {
+        std::mem::swap(&mut self.tcp, into);
+    }
+
     fn enqueue(&mut self, to: SocketAddr, data: Vec<u8>, arrived: Option<Instant>) {
         self.queue.push(Datagram { to, data, arrived });
         if self.queue.len() >= MAX_QUEUED {
@@ -82,8 +99,10 @@ impl Outbox {
         self.latency.flush();
     }
 
-    /// Adds the counters of another (flushed) outbox on the same socket.
-    pub fn absorb_counts(&mut self, other: &Outbox) {
+    /// Adds the counters of another (flushed) outbox on the same socket,
+    /// and takes its ICE-TCP packets.
+    pub fn absorb(&mut self, mut other: Outbox) {
+        self.tcp.append(&mut other.tcp);
         self.sent += other.sent;
         self.dropped += other.dropped;
         self.calls += other.calls;

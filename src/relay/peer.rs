@@ -69,6 +69,8 @@ pub(super) struct Peer {
     pub addrs: Vec<SocketAddr>,
     /// Where str0m last sent DTLS or RTCP: the nominated remote address.
     pub media_to: Option<SocketAddr>,
+    /// `media_to` is an ICE-TCP connection (else a UDP address).
+    pub media_over_tcp: bool,
     pub ufrag: String,
     limits: Timeouts,
 }
@@ -98,6 +100,7 @@ impl Peer {
             last_media: now,
             addrs: Vec::new(),
             media_to: None,
+            media_over_tcp: false,
             ufrag,
             limits,
         }

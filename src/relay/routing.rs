@@ -1,7 +1,8 @@
 //! Which peer a datagram belongs to: by its source address once a STUN check
 //! has introduced that address (or, for a far end we dial, once its answer
 //! named it: its STUN responses carry no ufrag), else by the ICE ufrag a STUN
-//! binding request names. Checks that arrive before their peer (a browser starts ICE as soon
+//! binding request names (an ICE-TCP connection is named once, by its first
+//! check). Checks that arrive before their peer (a browser starts ICE as soon
 //! as it answers) are kept a moment in [`EarlyStun`] and replayed.
 
 use std::collections::{HashMap, VecDeque};
@@ -57,6 +58,11 @@ impl Routes {
         self.by_ufrag.remove(&peer.ufrag);
     }
 
+    /// The peer whose local ufrag is `ufrag`.
+    pub fn peer_of_ufrag(&self, ufrag: &str) -> Option<PeerId> {
+        self.by_ufrag.get(ufrag).copied()
+    }
+
     /// Which peer a datagram from `source` belongs to. A STUN binding request
     /// from an unknown address naming a peer's ufrag adds that address to the
     /// peer (unless it is closing or has enough).
@@ -85,6 +91,16 @@ impl Routes {
         }
         Some(id)
     }
+}
+
+/// The local ufrag (ours) a STUN binding request names, if `data` is one.
+pub(super) fn stun_ufrag(data: &[u8]) -> Option<String> {
+    let msg = str0m::ice::StunMessage::parse(data).ok()?;
+    if !msg.is_binding_request() {
+        return None;
+    }
+    let (local, _remote) = msg.split_username()?;
+    Some(local.to_owned())
 }
 
 /// STUN binding requests for ufrags no peer has yet.
@@ -215,5 +231,12 @@ mod tests {
         let push = peers.remove(3).unwrap();
         routes.remove(&push);
         assert!(routes.all_free(&[from(9), from(10)]), "freed with its peer");
+    }
+
+    #[test]
+    fn the_ufrag_of_a_binding_request_only() {
+        assert_eq!(stun_ufrag(&check("abc")).as_deref(), Some("abc"));
+        assert_eq!(stun_ufrag(&[0x80, 111, 0, 1]), None);
+        assert_eq!(stun_ufrag(&[0u8; 20]), None);
     }
 }

@@ -8,6 +8,7 @@ fn config(liveness: &Liveness) -> RelayConfig {
     RelayConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         announce: vec!["127.0.0.1:9".parse().unwrap()],
+        announce_tcp: Vec::new(),
         sender_idle: Duration::from_secs(20),
         handshake_timeout: Duration::from_secs(15),
         forward_threads: 1,
@@ -99,7 +100,8 @@ mod forward_to_a_client {
                 .dtls_provider
                 .generate_certificate()
                 .unwrap();
-            let (mut relay, keys) = RtcBuilder::new(&cert, &[addr(RELAY)]).receiver();
+            let candidates = crate::relay::host_candidates(&[addr(RELAY)], &[]);
+            let (mut relay, keys) = RtcBuilder::new(&cert, &candidates).receiver();
             let mut api = relay.sdp_api();
             let mid = api.add_media(
                 MediaKind::Audio,

@@ -20,6 +20,9 @@ use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use str0m::net::TcpType;
+
+use crate::link::Transport;
 use crate::media::{Cmd, NewPeer, Role, StreamClock, WorkerHandle};
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -40,6 +43,9 @@ pub struct Ctx {
     next_id: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
     pub counters: Counters,
+    /// Every how many receivers one uses ICE-TCP to the relay's HTTP port
+    /// (0: none; 2: every other one).
+    pub tcp_every: u64,
 }
 
 /// What the kept-open WebSockets heard after joining.
@@ -71,6 +77,7 @@ impl Ctx {
             next_id: AtomicU64::new(1),
             shutdown,
             counters: Counters::default(),
+            tcp_every: 0,
         }
     }
 
@@ -172,6 +179,15 @@ fn bind_udp(from: Ipv4Addr) -> Result<std::net::UdpSocket> {
     let s = std::net::UdpSocket::bind((from, 0)).context("binding a client UDP socket")?;
     s.set_nonblocking(true)?;
     Ok(s)
+}
+
+/// A connection to the relay's ICE-TCP candidate (its HTTP port). The
+/// per-address limit counts WebSockets only: no spread over 127.0.0.x.
+fn connect_ice_tcp(server: SocketAddr) -> Result<std::net::TcpStream> {
+    let sock = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        .context("ICE-TCP connect")?;
+    sock.set_nodelay(true)?;
+    Ok(sock)
 }
 
 fn sdp_field<'a>(v: &'a Value, outer: &str) -> Result<&'a str> {
@@ -300,6 +316,7 @@ pub async fn start_sender(
     let ts0 = seed.wrapping_mul(2_654_435_761) ^ (index as u32).wrapping_mul(40503);
     let clock = Arc::new(StreamClock::new(index, ts0));
     let (tx, rx) = oneshot::channel();
+    let socket = Transport::Udp(socket);
     ctx.sender_worker.send(Cmd::Add(Box::new(NewPeer {
         id,
         rtc,
@@ -362,10 +379,24 @@ pub async fn join_receiver(
     let sdp = sdp_field(&offer, "offer")?;
     check_candidates(sdp)?;
     let pt = opus_pt(sdp).ok_or_else(|| anyhow!("the server's offer has no Opus"))?;
-    let socket = bind_udp(ip)?;
+    let tcp = ctx.tcp_every > 0 && id.is_multiple_of(ctx.tcp_every);
+    let socket = if tcp {
+        Transport::Tcp(connect_ice_tcp(ctx.server)?)
+    } else {
+        Transport::Udp(bind_udp(ip)?)
+    };
     let local: SocketAddr = socket.local_addr()?;
     let mut rtc = ctx.new_rtc();
-    rtc.add_local_candidate(Candidate::host(local, "udp")?);
+    let candidate = if tcp {
+        Candidate::builder()
+            .tcp()
+            .host(local)
+            .tcptype(TcpType::Active)
+            .build()?
+    } else {
+        Candidate::host(local, "udp")?
+    };
+    rtc.add_local_candidate(candidate);
     let parsed = SdpOffer::from_sdp_string(sdp).context("parsing the server's offer")?;
     let answer = rtc
         .sdp_api()

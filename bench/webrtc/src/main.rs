@@ -11,6 +11,7 @@
 
 mod client;
 mod histogram;
+mod link;
 mod media;
 mod mp3_listener;
 mod procstat;
@@ -144,6 +145,11 @@ struct Args {
     /// The whole run stops by itself after this long.
     #[arg(long, default_value_t = 540)]
     max_run_secs: u64,
+
+    /// Every Nth receiver connects over ICE-TCP (the relay's HTTP port)
+    /// instead of UDP: 2 = half of them; 0 = none.
+    #[arg(long, default_value_t = 0)]
+    tcp_every: u64,
 }
 
 /// A server we started; stopped when dropped.
@@ -383,7 +389,7 @@ async fn run(args: Args, addr: SocketAddr, server_pid: Option<u32>) -> Result<()
         threads.push(t);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(Ctx::new(
+    let mut ctx = Ctx::new(
         addr,
         args.sender_server.unwrap_or(addr),
         args.source_ips,
@@ -391,7 +397,9 @@ async fn run(args: Args, addr: SocketAddr, server_pid: Option<u32>) -> Result<()
         sender_worker.clone(),
         receiver_workers.clone(),
         stop_rx,
-    ));
+    );
+    ctx.tcp_every = args.tcp_every;
+    let ctx = Arc::new(ctx);
 
     let outcome = tokio::select! {
         r = ramp(&args, addr, server_pid, ctx.clone(), run_deadline) => r,

@@ -11,13 +11,14 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Token, Waker};
 use str0m::media::Pt;
-use str0m::net::{Protocol, Receive};
+use str0m::net::Receive;
 use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::oneshot;
+
+use crate::link::{Link, Transport};
 
 /// RTP clock ticks per 20 ms Opus frame.
 pub const TICKS_PER_PACKET: u32 = 960;
@@ -112,7 +113,7 @@ pub enum Role {
 pub struct NewPeer {
     pub id: u64,
     pub rtc: Rtc,
-    pub socket: std::net::UdpSocket,
+    pub socket: Transport,
     pub role: Role,
     /// Told when ICE+DTLS completes (or the peer fails first).
     pub connected: oneshot::Sender<Result<Instant, String>>,
@@ -219,7 +220,7 @@ enum Kind {
 struct Peer {
     id: u64,
     rtc: Rtc,
-    socket: UdpSocket,
+    socket: Link,
     local: SocketAddr,
     next_timeout: Instant,
     connected_tx: Option<oneshot::Sender<Result<Instant, String>>>,
@@ -338,15 +339,13 @@ impl Worker {
                 return;
             }
         };
-        let mut socket = UdpSocket::from_std(socket);
-        if let Err(e) =
-            self.poll
-                .registry()
-                .register(&mut socket, Token(idx + 1), Interest::READABLE)
-        {
-            let _ = connected.send(Err(format!("register: {e}")));
-            return;
-        }
+        let socket = match Link::new(socket, self.poll.registry(), Token(idx + 1)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = connected.send(Err(format!("register: {e}")));
+                return;
+            }
+        };
         let kind = match role {
             Role::Sender {
                 clock,
@@ -390,14 +389,22 @@ impl Worker {
         let Some(peer) = self.peers.get_mut(idx) else {
             return;
         };
+        if peer.socket.flush().is_err() {
+            kill(peer, "tcp write failed");
+            return;
+        }
         loop {
             if peer.dead {
                 return;
             }
-            let (n, source) = match peer.socket.recv_from(buf) {
+            let (n, source) = match peer.socket.recv(buf) {
                 Ok(v) => v,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    kill(peer, "tcp connection closed");
+                    return;
+                }
                 // ICMP errors (e.g. the server went away) surface here.
                 Err(_) => continue,
             };
@@ -429,7 +436,7 @@ impl Worker {
             let input = Input::Receive(
                 arrival,
                 Receive {
-                    proto: Protocol::Udp,
+                    proto: peer.socket.proto(),
                     source,
                     destination: peer.local,
                     contents,
@@ -679,7 +686,7 @@ fn drain(peer: &mut Peer, packets: &[Arc<[u8]>], recording: Option<&[u64]>) -> I
             Ok(Output::Transmit(t)) => {
                 // Only ever talk to loopback.
                 if t.destination.ip().is_loopback() {
-                    let _ = peer.socket.send_to(&t.contents, t.destination);
+                    peer.socket.send(t.destination, &t.contents);
                 }
             }
             Ok(Output::Event(ev)) => match ev {

@@ -34,7 +34,7 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use voice_relay::relay::srtp::{tapped_provider, SrtpTx};
-use voice_relay::relay::{negotiated_opus_pt, receiver_rtc, KeySlot};
+use voice_relay::relay::{host_candidates, negotiated_opus_pt, receiver_rtc, KeySlot};
 
 #[derive(Parser)]
 #[command(about = "Heap held by one WebRTC receiver of the relay, by phase")]
@@ -200,7 +200,7 @@ impl Pair {
         let relay_addr: SocketAddr = RELAY.parse().expect("constant address");
         let client_addr = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
         let (mut relay, keys, offer, pending, mid) = as_relay(|| {
-            let (mut rtc, keys) = receiver_rtc(cert, &[relay_addr]);
+            let (mut rtc, keys) = receiver_rtc(cert, &host_candidates(&[relay_addr], &[]));
             let mut api = rtc.sdp_api();
             let mid = api.add_media(
                 MediaKind::Audio,
