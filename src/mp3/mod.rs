@@ -245,15 +245,30 @@ pub fn try_start(
     config: Mp3Config,
 ) -> Result<(PacketSink, Arc<Fanout>), Mp3Error> {
     config.validate()?;
+    let make: pipeline::MakeOutput = Box::new(pipeline::mp3_output);
+    Ok(start_lazy(stream_id, Format::Mp3, None, config, make))
+}
+
+/// Sets up a lazy output of `format` (MP3, or Ogg/Opus): its idle
+/// [`Fanout`] (whose listeners each first get `preamble`) and the sink the
+/// relay feeds, which keeps the stream's recent packets until the first
+/// listener starts a thread running `make`'s output.
+pub(crate) fn start_lazy(
+    stream_id: &str,
+    format: Format,
+    preamble: Option<Preamble>,
+    config: Mp3Config,
+    make: pipeline::MakeOutput,
+) -> (PacketSink, Arc<Fanout>) {
     let counters = Arc::new(PipelineCounters::default());
-    let fanout = Fanout::lazy(stream_id, &config, Arc::clone(&counters));
-    let demand = Demand::new(config, Arc::clone(&fanout), Arc::clone(&counters));
+    let fanout = Fanout::lazy(stream_id, format, preamble, &config, Arc::clone(&counters));
+    let demand = Demand::new(config, Arc::clone(&fanout), Arc::clone(&counters), make);
     fanout.set_demand(&demand);
     let sink = PacketSink {
         target: Target::Demand(demand),
         counters,
     };
-    Ok((sink, fanout))
+    (sink, fanout)
 }
 
 /// Sets up the MP3 output of one stream (see [`try_start`]); the first
