@@ -12,7 +12,9 @@
 //! listener sockets handed over after their response head are written by one
 //! `mp3w-<stream_id>` thread per stream (`writer.rs`). The fan-out, ring,
 //! batches, listeners and writer are format-neutral and also carry the
-//! Ogg/Opus output ([`crate::ogg_opus`]). Imports go one way:
+//! Ogg/Opus output ([`crate::ogg_opus`]), which is lazy in the same way:
+//! the demand and pipeline thread are shared, each format brings its
+//! `pipeline::Output`. Imports go one way:
 //! demand → pipeline → fanout → listener, writer → ring → batch, counters.
 
 pub mod batch;
@@ -160,11 +162,11 @@ pub(crate) struct OpusPacket {
 }
 
 /// Held by the media relay; feeds Opus packets to an output without ever
-/// blocking. Dropping it ends the stream: for the Ogg pager, the queue
-/// disconnects, so the thread drains what is queued, publishes the last
-/// pages, closes the [`Fanout`] and exits; for MP3, a running pipeline does
-/// the same (flushing LAME) and an idle one's fan-out closes at once. The
-/// drop does not wait for that (it never blocks the relay).
+/// blocking. Dropping it ends the stream: a running pipeline (MP3 or Ogg)
+/// drains what is queued, publishes the last batches (flushing LAME, or
+/// the last page), closes the [`Fanout`] and exits; an idle one's fan-out
+/// closes at once. The drop does not wait for that (it never blocks the
+/// relay).
 pub struct PacketSink {
     target: Target,
     counters: Arc<PipelineCounters>,
