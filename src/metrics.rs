@@ -36,6 +36,8 @@ pub struct Metrics {
     pub ogg_listeners_dropped_slow: IntCounter,
     pub mp3_pipelines_running: IntGauge,
     pub mp3_pipeline_starts: IntCounter,
+    pub ogg_pagers_running: IntGauge,
+    pub ogg_pager_starts: IntCounter,
     pub mp3_packets_decoded: IntCounter,
     pub mp3_frames_encoded: IntCounter,
     pub limit_hits: IntCounterVec,
@@ -162,6 +164,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         mp3_pipeline_starts: counter(
             "mp3_pipeline_starts_total",
             "MP3 pipelines started by a stream's first listener",
+        )?,
+        ogg_pagers_running: gauge(
+            "ogg_pagers_running",
+            "Ogg pagers paging Opus packets (streams with Ogg listeners, or left less than the linger time ago)",
+        )?,
+        ogg_pager_starts: counter(
+            "ogg_pager_starts_total",
+            "Ogg pagers started by a stream's first listener",
         )?,
         mp3_packets_decoded: counter(
             "mp3_opus_packets_decoded_total",

@@ -8,7 +8,7 @@ seconds samples the server's CPU (utime + stime from /proc, per thread) over
 --window seconds (at most 60). Threads are grouped by name: `media-relay`
 (the relay loop), `mp3-*` (MP3 pipelines), `ogg-*` (Ogg pagers), `mp3w-*`
 (listener writers) and the rest (tokio, signalling). Prints % of one core,
-in total and per stream, and the MP3 activity /metrics reports.
+in total and per stream, and the MP3 and Ogg activity /metrics reports.
 
 Run it once with the binary before a change and once after (run it under
 `unshare -n`: it refuses to run unless the only interface is `lo`).
@@ -124,7 +124,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         print("|---|---|---|")
         for k, v in list(pct.items()) + [("total", total)]:
             print(f"| {k} | {v:.2f} | {v / args.streams:.3f} |")
-        for name in ("mp3_pipelines_running", "mp3_opus_packets_decoded_total", "mp3_frames_encoded_total"):
+        for name in ("mp3_pipelines_running", "mp3_opus_packets_decoded_total", "mp3_frames_encoded_total",
+                     "ogg_pagers_running", "ogg_pager_starts_total"):
             print(f"/metrics {name}: {metric(m0, name)} -> {metric(m1, name)}")
         return 0
     finally:

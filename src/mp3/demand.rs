@@ -1,8 +1,9 @@
-//! When one stream's MP3 pipeline runs, [`Demand`]: while nobody listens the
-//! stream only keeps its recent Opus packets ([`History`]); the first
-//! listener (its ring turned from idle to warming) starts the `mp3-<id>`
-//! thread with a copy of that history, which it decodes and encodes at once
-//! for the burst before going live; the thread stops again [`LINGER`] after
+//! When one stream's lazy output runs (MP3, or Ogg/Opus), [`Demand`]: while
+//! nobody listens the stream only keeps its recent Opus packets
+//! ([`History`]); the first listener (its ring turned from idle to warming)
+//! starts the `mp3-<id>` (or `ogg-<id>`) thread with a copy of that history,
+//! which it turns into the burst at once (decoding and encoding, or paging)
+//! before going live; the thread stops again [`LINGER`] after
 //! the last listener left. The relay's packets reach the history and, while
 //! the thread runs, its bounded queue, under one short lock, so the hand-over
 //! from history to queue loses and repeats nothing.
@@ -17,7 +18,8 @@ use std::time::Duration;
 use super::counters::{bump, PipelineCounters};
 use super::fanout::Fanout;
 use super::history::History;
-use super::{Mp3Config, OpusPacket, PACKET_QUEUE};
+use super::pipeline::{MakeOutput, Output};
+use super::{Mp3Config, Mp3Error, OpusPacket, PACKET_QUEUE};
 use crate::sync::lock;
 
 /// How long a pipeline keeps running after its last listener left. Long
@@ -35,10 +37,12 @@ struct State {
     ended: bool,
 }
 
-/// One stream's MP3 demand: shared by the relay's sink, the fan-out (which
-/// starts it) and the pipeline thread (which stops it).
+/// One stream's demand for one output: shared by the relay's sink, the
+/// fan-out (which starts it) and the pipeline thread (which stops it).
 pub(crate) struct Demand {
     config: Mp3Config,
+    /// What the pipeline thread makes of the packets.
+    make_output: MakeOutput,
     fanout: Arc<Fanout>,
     counters: Arc<PipelineCounters>,
     state: Mutex<State>,
@@ -49,10 +53,12 @@ impl Demand {
         config: Mp3Config,
         fanout: Arc<Fanout>,
         counters: Arc<PipelineCounters>,
+        make_output: MakeOutput,
     ) -> Arc<Self> {
         let history = History::new(config.history_ms());
         Arc::new(Self {
             config,
+            make_output,
             fanout,
             counters,
             state: Mutex::new(State {
@@ -96,7 +102,11 @@ impl Demand {
             let (tx, rx) = mpsc::sync_channel(PACKET_QUEUE);
             let demand = Arc::clone(self);
             let spawned = std::thread::Builder::new()
-                .name(format!("mp3-{}", self.fanout.stream_id()))
+                .name(format!(
+                    "{}-{}",
+                    self.fanout.format().name(),
+                    self.fanout.stream_id()
+                ))
                 .spawn(move || super::pipeline::run(demand, history, from_start, rx));
             match spawned {
                 Ok(_) => {
@@ -104,7 +114,7 @@ impl Demand {
                     return;
                 }
                 Err(err) => {
-                    tracing::error!(stream_id = self.fanout.stream_id(), error = %err, "mp3 pipeline thread failed to start");
+                    tracing::error!(stream_id = self.fanout.stream_id(), format = self.fanout.format().name(), error = %err, "pipeline thread failed to start");
                 }
             }
         }
@@ -140,6 +150,11 @@ impl Demand {
     pub(crate) fn failed(&self) {
         lock(&self.state).live = None;
         self.fanout.close();
+    }
+
+    /// The pipeline's output, made on its thread.
+    pub(crate) fn make_output(&self) -> Result<Box<dyn Output>, Mp3Error> {
+        (self.make_output)(self)
     }
 
     pub(crate) fn config(&self) -> &Mp3Config {

@@ -3,8 +3,9 @@
 //! the stream's [`Ring`] of batches and its two kinds of listener: async
 //! [`Listener`]s (an HTTP body each) and sockets handed to the stream's
 //! writer thread. Used as is by the MP3 and the Ogg/Opus outputs. A lazy
-//! fan-out (MP3) has no pipeline until a listener joins: whichever kind of
-//! listener finds it idle starts it ([`Demand::start`]).
+//! fan-out (every stream's MP3 and Ogg) has no pipeline until a listener
+//! joins: whichever kind of listener finds it idle starts it
+//! ([`Demand::start`]).
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -82,32 +83,17 @@ impl Fanout {
         )
     }
 
-    /// An idle MP3 fan-out: its first listener starts the pipeline of the
-    /// demand given by [`set_demand`](Self::set_demand).
+    /// An idle fan-out of `format` whose listeners each first get
+    /// `preamble`: its first listener starts the pipeline of the demand
+    /// given by [`set_demand`](Self::set_demand).
     pub(crate) fn lazy(
-        stream_id: &str,
-        config: &Mp3Config,
-        counters: Arc<PipelineCounters>,
-    ) -> Arc<Self> {
-        Self::build(stream_id, Format::Mp3, None, config, Supply::Idle, counters)
-    }
-
-    /// A fan-out of `format` whose listeners each first get `preamble`.
-    pub(crate) fn with_preamble(
         stream_id: &str,
         format: Format,
         preamble: Option<Preamble>,
         config: &Mp3Config,
         counters: Arc<PipelineCounters>,
     ) -> Arc<Self> {
-        Self::build(
-            stream_id,
-            format,
-            preamble,
-            config,
-            Supply::Running,
-            counters,
-        )
+        Self::build(stream_id, format, preamble, config, Supply::Idle, counters)
     }
 
     fn build(

@@ -12,7 +12,9 @@
 //! listener sockets handed over after their response head are written by one
 //! `mp3w-<stream_id>` thread per stream (`writer.rs`). The fan-out, ring,
 //! batches, listeners and writer are format-neutral and also carry the
-//! Ogg/Opus output ([`crate::ogg_opus`]). Imports go one way:
+//! Ogg/Opus output ([`crate::ogg_opus`]), which is lazy in the same way:
+//! the demand and pipeline thread are shared, each format brings its
+//! `pipeline::Output`. Imports go one way:
 //! demand → pipeline → fanout → listener, writer → ring → batch, counters.
 
 pub mod batch;
@@ -160,11 +162,11 @@ pub(crate) struct OpusPacket {
 }
 
 /// Held by the media relay; feeds Opus packets to an output without ever
-/// blocking. Dropping it ends the stream: for the Ogg pager, the queue
-/// disconnects, so the thread drains what is queued, publishes the last
-/// pages, closes the [`Fanout`] and exits; for MP3, a running pipeline does
-/// the same (flushing LAME) and an idle one's fan-out closes at once. The
-/// drop does not wait for that (it never blocks the relay).
+/// blocking. Dropping it ends the stream: a running pipeline (MP3 or Ogg)
+/// drains what is queued, publishes the last batches (flushing LAME, or
+/// the last page), closes the [`Fanout`] and exits; an idle one's fan-out
+/// closes at once. The drop does not wait for that (it never blocks the
+/// relay).
 pub struct PacketSink {
     target: Target,
     counters: Arc<PipelineCounters>,
@@ -245,15 +247,30 @@ pub fn try_start(
     config: Mp3Config,
 ) -> Result<(PacketSink, Arc<Fanout>), Mp3Error> {
     config.validate()?;
+    let make: pipeline::MakeOutput = Box::new(pipeline::mp3_output);
+    Ok(start_lazy(stream_id, Format::Mp3, None, config, make))
+}
+
+/// Sets up a lazy output of `format` (MP3, or Ogg/Opus): its idle
+/// [`Fanout`] (whose listeners each first get `preamble`) and the sink the
+/// relay feeds, which keeps the stream's recent packets until the first
+/// listener starts a thread running `make`'s output.
+pub(crate) fn start_lazy(
+    stream_id: &str,
+    format: Format,
+    preamble: Option<Preamble>,
+    config: Mp3Config,
+    make: pipeline::MakeOutput,
+) -> (PacketSink, Arc<Fanout>) {
     let counters = Arc::new(PipelineCounters::default());
-    let fanout = Fanout::lazy(stream_id, &config, Arc::clone(&counters));
-    let demand = Demand::new(config, Arc::clone(&fanout), Arc::clone(&counters));
+    let fanout = Fanout::lazy(stream_id, format, preamble, &config, Arc::clone(&counters));
+    let demand = Demand::new(config, Arc::clone(&fanout), Arc::clone(&counters), make);
     fanout.set_demand(&demand);
     let sink = PacketSink {
         target: Target::Demand(demand),
         counters,
     };
-    Ok((sink, fanout))
+    (sink, fanout)
 }
 
 /// Sets up the MP3 output of one stream (see [`try_start`]); the first

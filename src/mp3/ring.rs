@@ -6,7 +6,7 @@
 //! is format-neutral: MP3 and Ogg/Opus each have one per stream.
 //!
 //! It also owns the ring's [`Supply`]: whether a pipeline is filling it. A
-//! lazy ring (MP3) starts idle; the first listener to join an idle ring turns
+//! lazy ring (MP3, Ogg) starts idle; the first listener to join an idle ring turns
 //! it to warming and is told to start the pipeline; listeners that join
 //! before the pipeline's first publish take their burst when it comes. The
 //! pipeline turns an unlistened ring idle again under the same lock, so a

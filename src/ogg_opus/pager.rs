@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use crate::mp3::batch::Batch;
 use crate::mp3::gap::{GapConfig, GapPlanner, SAMPLES_20MS};
-use crate::mp3::{PipelineCounters, SAMPLE_RATE};
+use crate::mp3::pipeline::Output;
+use crate::mp3::{OpusPacket, PipelineCounters, SAMPLE_RATE};
 
 use super::header::PRE_SKIP;
 use super::page::{segments_of, write_page, PageHeader, EOS, MAX_SEGMENTS};
@@ -151,6 +152,16 @@ impl Pager {
         self.packets.clear();
         self.lacing.clear();
         self.segments = 0;
+    }
+}
+
+impl Output for Pager {
+    fn packet(&mut self, packet: &OpusPacket, out: &mut Vec<Batch>) {
+        self.push(packet.seq, packet.rtp_time, &packet.payload, out);
+    }
+
+    fn finish(mut self: Box<Self>, out: &mut Vec<Batch>) {
+        Pager::finish(&mut self, out);
     }
 }
 

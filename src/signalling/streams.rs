@@ -21,8 +21,6 @@ use crate::relay::{Command, PeerEvents, PeerId, RelayError};
 pub(crate) enum StartError {
     #[error("cannot start the MP3 encoder: {0}")]
     Mp3(#[from] Mp3Error),
-    #[error("cannot start the Ogg output: {0}")]
-    Ogg(#[from] std::io::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
 }
@@ -31,7 +29,7 @@ impl StartError {
     /// The `code` of the `error` message the client gets.
     pub(crate) fn code(&self) -> &'static str {
         match self {
-            StartError::Mp3(_) | StartError::Ogg(_) => "internal",
+            StartError::Mp3(_) => "internal",
             StartError::Relay(_) => "busy",
         }
     }
@@ -50,8 +48,8 @@ impl Signalling {
         Ok((rtc, answer.to_sdp_string()))
     }
 
-    /// Starts `stream` with its sender's negotiated peer: its MP3 pipeline
-    /// and Ogg pager, then the relay, then the listing in the place `slot`
+    /// Starts `stream` with its sender's negotiated peer: its MP3 and Ogg
+    /// outputs (idle until their first listener), then the relay, then the listing in the place `slot`
     /// reserved, then its WHIP pushes.
     pub(crate) fn start_stream(
         &self,
@@ -61,7 +59,7 @@ impl Signalling {
         events: PeerEvents,
     ) -> Result<PeerId, StartError> {
         let (mp3_sink, mp3) = mp3::try_start(stream, self.mp3.clone())?;
-        let (ogg_sink, ogg) = ogg_opus::start(stream, &self.mp3)?;
+        let (ogg_sink, ogg) = ogg_opus::start(stream, &self.mp3);
         let peer = self.relay.next_peer_id();
         self.relay.send(Command::AddSender {
             peer,

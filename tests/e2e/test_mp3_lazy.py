@@ -48,10 +48,10 @@ async def read_body_prefix(server: RelayServer, path: str, nbytes: int, timeout:
         writer.close()
 
 
-async def decode_mp3(data: bytes) -> np.ndarray:
-    """ffmpeg decodes MP3 bytes to 48 kHz mono s16 samples."""
+async def decode(data: bytes, fmt: str = "mp3") -> np.ndarray:
+    """ffmpeg decodes MP3 (or ``fmt``) bytes to 48 kHz mono s16 samples."""
     proc = await asyncio.create_subprocess_exec(
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "mp3", "-i", "-",
+        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", fmt, "-i", "-",
         "-f", "s16le", "-ac", "1", "-ar", "48000", "-",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -84,7 +84,7 @@ def test_mp3_listener_3s_into_a_stream_gets_a_burst_that_decodes(server: RelaySe
         before = await activity(server)
         assert before == (0, 0, 0), f"nobody listened yet, but /metrics shows {before}"
         burst = await read_body_prefix(server, f"/stream/{snd.stream_id}.mp3", BURST_BYTES)
-        samples = await decode_mp3(burst)
+        samples = await decode(burst)
         assert len(samples) >= 1.9 * 48000, f"the burst decodes to {len(samples) / 48000:.2f}s"
         tail = samples[4800:]
         assert abs(dominant_frequency(tail) - TONE) <= 15, dominant_frequency(tail)

@@ -14,6 +14,7 @@ from browser import chromium
 from clients import Clients, ToneSender, dominant_frequency, http, sine_wav_bytes
 from relay_server import RelayServer
 from test_mp3 import _dechunk_prefix, assert_clean_tone, ffmpeg_capture, read_head, relay
+from test_mp3_lazy import decode, metric
 
 PAGE_MAX_SAMPLES = 9600  # 200 ms at 48 kHz
 
@@ -61,7 +62,7 @@ def parse_pages(data: bytes) -> list[dict]:
                 packets.append(body[at:at + size])
                 at, size = at + size, 0
         pages.append({"flags": flags, "granule": granule, "serial": serial, "seq": seq, "packets": packets,
-                      "crc_ok": crc == ogg_crc(raw)})
+                      "crc_ok": crc == ogg_crc(raw), "end": end})
         i = end
     return pages
 
@@ -111,9 +112,50 @@ def test_ogg_listener_joins_mid_stream(server: RelayServer) -> None:
         assert headers.get("content-type") == "audio/ogg", headers
         pages = parse_pages(data)
         assert_opus_stream_start(pages, "late raw listener")
-        assert pages[2]["granule"] > 48000, "a late listener's first page carries the stream's granule"
+        # 2.3 s in, the stream is younger than the first-words window: the late listener gets it
+        # from its first page (or, joined later under load, a burst on the stream's timeline).
+        first = pages[2]["granule"]
+        assert first == 3840 + PAGE_MAX_SAMPLES or first > 48000, f"first audio page's granule {first}"
 
     relay(server, body)
+
+
+async def pagers(server: RelayServer) -> tuple[float, float]:
+    """(Ogg pagers running, Ogg pagers started)."""
+    return await metric(server, "ogg_pagers_running"), await metric(server, "ogg_pager_starts_total")
+
+
+def test_ogg_pager_is_lazy_and_a_listener_3s_in_gets_a_burst(server: RelayServer) -> None:
+    """No Ogg listener: no pager. A listener 3 s in gets, at once, pages from before it joined
+    (the burst, made from the stream's kept Opus packets), which ffmpeg decodes; the pager stops
+    after the linger once the listener left."""
+
+    async def body(c: Clients) -> None:
+        snd = await c.sender(440)
+        t0 = time.monotonic()
+        await asyncio.sleep(3.0)
+        assert await pagers(server) == (0, 0), "an Ogg pager runs with nobody listening"
+        age = time.monotonic() - t0
+        status, headers, data = await read_ogg(server, f"/stream/{snd.stream_id}.ogg", 24000)
+        assert " 200 " in status + " ", status
+        pages = parse_pages(data)
+        assert_opus_stream_start(pages, "listener 3 s in")
+        pre_skip = struct.unpack_from("<H", pages[0]["packets"][0], 10)[0]
+        first = (pages[2]["granule"] - pre_skip) / 48000
+        # Without a burst its first page would end after the stream time at the request.
+        assert first <= age - 0.5, f"first page ends at {first:.2f}s of a stream {age:.2f}s old at the request"
+        samples = await decode(data[:pages[-1]["end"]], "ogg")
+        assert len(samples) >= 48000, f"decodes to {len(samples) / 48000:.2f}s"
+        assert abs(dominant_frequency(samples[9600:]) - 440) <= 15, dominant_frequency(samples[9600:])
+        assert await pagers(server) in ((1, 1), (0, 1)), await pagers(server)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while (await pagers(server))[0] != 0:
+            assert loop.time() < deadline, "the Ogg pager never stopped after its last listener left"
+            await asyncio.sleep(0.25)
+
+    relay(server, body, 90)
 
 
 def test_ogg_latest_waits_then_body_ends_with_the_stream(server: RelayServer) -> None:
