@@ -1,6 +1,7 @@
 //! What a peer's str0m state has to say after an input: datagrams go to the
-//! outbox (a push leg's to its own socket), RTP from a sender is collected for forwarding, and its events
-//! (connected, ICE lost, closed) update the peer and reach its owner.
+//! outbox (a push leg's to its own socket), RTP from a sender is collected
+//! for forwarding, and its events (connected, ICE lost, closed) update the
+//! peer and reach its owner.
 
 use std::time::Instant;
 

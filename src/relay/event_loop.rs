@@ -1,11 +1,11 @@
 //! The relay loop: one thread drives every sans-IO peer (as in str0m's chat
 //! example). Each wake-up takes signalling's commands, the peers' due timers
-//! and the sockets' datagrams (the relay's, and each push leg's own), feeds each to the one peer it concerns, and
-//! forwards the RTP a sender produced. A peer's life (added, connected,
-//! closing, freed) is run here; what a peer is lives in [`super::peer`], how
-//! a datagram finds its peer in [`super::routing`], how a packet reaches
-//! many receivers in [`super::forward`], and the ICE-TCP connections in
-//! `ice_tcp`.
+//! and the sockets' datagrams (the relay's, and each push leg's own), feeds
+//! each to the one peer it concerns, and forwards the RTP a sender produced.
+//! A peer's life (added, connected, closing, freed) is run here; what a
+//! peer is lives in [`super::peer`], how a datagram finds its peer in
+//! [`super::routing`], how a packet reaches many receivers in
+//! [`super::forward`], and the ICE-TCP connections in `ice_tcp`.
 
 mod ice_tcp;
 
