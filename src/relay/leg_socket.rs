@@ -63,3 +63,51 @@ impl LegSocket {
         let _ = registry.deregister(&mut self.socket);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::Poll;
+
+    #[test]
+    fn a_leg_socket_carries_its_datagrams_both_ways_and_reports_an_empty_queue() {
+        let poll = Poll::new().expect("poll");
+        let std = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        std.set_nonblocking(true).expect("nonblocking");
+        let addr = std.local_addr().expect("addr");
+        let token = Token(FIRST_TOKEN);
+        let own =
+            LegSocket::register(PushSocket(std, addr), poll.registry(), token).expect("registered");
+        assert_eq!((own.token, own.label), (token, addr));
+        let far = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        far.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("timeout");
+        own.send(far.local_addr().expect("addr"), b"check")
+            .expect("sent");
+        let mut buf = [0u8; 16];
+        let (n, from) = far.recv_from(&mut buf).expect("received");
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"check"[..], addr),
+            "from the leg's own port"
+        );
+        let mut buf = [0u8; 16];
+        let empty = own.recv(&mut buf).map(|_| ()).unwrap_err();
+        assert_eq!(empty.kind(), ErrorKind::WouldBlock);
+        far.send_to(b"answer", addr).expect("sent");
+        let mut got = own.recv(&mut buf);
+        for _ in 0..1000 {
+            if !matches!(&got, Err(e) if e.kind() == ErrorKind::WouldBlock) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            got = own.recv(&mut buf);
+        }
+        let (n, source) = got.expect("received");
+        assert_eq!(
+            (&buf[..n], source),
+            (&b"answer"[..], far.local_addr().expect("addr"))
+        );
+        own.deregister(poll.registry());
+    }
+}
