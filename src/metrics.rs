@@ -193,7 +193,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         whip_push_failures: counter_vec(
             "whip_push_failures_total",
-            "Failed or dropped WHIP pushes, by reason (http_STATUS for a refusal, unreachable, timeout, bad_answer, ice_dtls, dropped, far_end_busy)",
+            "Failed or dropped WHIP pushes, by reason (http_STATUS for a refusal, unreachable, timeout, bad_answer, ice_dtls, dropped, socket)",
             "reason",
         )?,
         whip_push_live: gauge("whip_push_live", "WHIP pushes connected now")?,

@@ -1,6 +1,7 @@
 //! What a peer's str0m state has to say after an input: datagrams go to the
-//! outbox, RTP from a sender is collected for forwarding, and its events
-//! (connected, ICE lost, closed) update the peer and reach its owner.
+//! outbox (a push leg's to its own socket), RTP from a sender is collected
+//! for forwarding, and its events (connected, ICE lost, closed) update the
+//! peer and reach its owner.
 
 use std::time::Instant;
 
@@ -35,7 +36,13 @@ pub(super) fn drain(peer: &mut Peer, out: &mut Outbox, forward: &mut Vec<RtpPack
                     peer.media_to = Some(t.destination);
                     peer.media_over_tcp = tcp;
                 }
-                if tcp {
+                if let Some(own) = &peer.own_socket {
+                    if let Err(e) = own.send(t.destination, &t.contents) {
+                        // Only this leg is lost with its socket.
+                        tracing::debug!(peer = peer.id, error = %e, "push socket send failed");
+                        peer.rtc.disconnect();
+                    }
+                } else if tcp {
                     out.push_tcp(t.destination, t.contents.into());
                 } else {
                     out.push(t.destination, t.contents.into());

@@ -1,11 +1,11 @@
 //! The relay loop: one thread drives every sans-IO peer (as in str0m's chat
 //! example). Each wake-up takes signalling's commands, the peers' due timers
-//! and the socket's datagrams, feeds each to the one peer it concerns, and
-//! forwards the RTP a sender produced. A peer's life (added, connected,
-//! closing, freed) is run here; what a peer is lives in [`super::peer`], how
-//! a datagram finds its peer in [`super::routing`], how a packet reaches
-//! many receivers in [`super::forward`], and the ICE-TCP connections in
-//! `ice_tcp`.
+//! and the sockets' datagrams (the relay's, and each push leg's own), feeds
+//! each to the one peer it concerns, and forwards the RTP a sender produced.
+//! A peer's life (added, connected, closing, freed) is run here; what a
+//! peer is lives in [`super::peer`], how a datagram finds its peer in
+//! [`super::routing`], how a packet reaches many receivers in
+//! [`super::forward`], and the ICE-TCP connections in `ice_tcp`.
 
 mod ice_tcp;
 
@@ -29,6 +29,7 @@ use super::forward::{self, ForwardPool, ForwardedPacket};
 use super::handle::{Command, PeerEvent, PeerEvents, PeerId};
 use super::inbox;
 use super::leg::Leg;
+use super::leg_socket::{self, LegSocket};
 use super::outbox::Outbox;
 use super::peer::{Expiry, Peer, PeerKind, Peers, Timeouts, CLOSE_GRACE};
 use super::routing::Routes;
@@ -46,9 +47,6 @@ const READ_BATCH: usize = 256;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// Why a stream's receivers (push legs included) close when it ends.
 pub const STREAM_ENDED: &str = "stream ended";
-/// Why a push peer is refused: its far end is reached at an address another
-/// peer already uses.
-pub const PUSH_ADDRESS_BUSY: &str = "the far end's address already carries another peer";
 
 /// The peers of one stream.
 struct StreamPeers {
@@ -86,6 +84,9 @@ pub(super) struct Relay {
     /// Reused buffers: packets read from a connection, packets to write.
     tcp_packets: Vec<Vec<u8>>,
     tcp_sends: Vec<(SocketAddr, Vec<u8>)>,
+    /// Push legs' own sockets: whose each poll token is.
+    leg_sockets: HashMap<Token, PeerId>,
+    next_leg_token: usize,
 }
 
 /// Where the relay is reached: the address str0m is told UDP datagrams
@@ -126,6 +127,8 @@ impl Relay {
             tcp_label: labels.tcp,
             tcp_packets: Vec::new(),
             tcp_sends: Vec::new(),
+            leg_sockets: HashMap::new(),
+            next_leg_token: 0,
         }
     }
 
@@ -170,7 +173,9 @@ impl Relay {
                 self.read_socket(&mut buf);
             }
             for ev in events.iter() {
-                if ev.token().0 >= FIRST_TOKEN {
+                if ev.token().0 >= leg_socket::FIRST_TOKEN {
+                    self.read_leg_socket(ev.token(), &mut buf);
+                } else if ev.token().0 >= FIRST_TOKEN {
                     let readable = ev.is_readable() || ev.is_read_closed();
                     self.on_tcp_event(ev.token(), readable, ev.is_writable());
                 }
@@ -212,7 +217,7 @@ impl Relay {
                 keys,
                 mid,
                 events,
-                dialed,
+                push,
             } => {
                 let Some(entry) = self.streams.get_mut(&stream) else {
                     let _ = events.send(PeerEvent::Closed(peer, STREAM_ENDED));
@@ -222,17 +227,24 @@ impl Relay {
                     let _ = events.send(PeerEvent::Closed(peer, "no Opus audio negotiated"));
                     return;
                 };
-                if dialed.is_empty() {
+                let Some(push) = push else {
                     entry.receivers.push(peer);
-                    self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events);
-                } else if self.routes.all_free(&dialed) {
-                    entry.receivers.push(peer);
-                    self.insert_peer(peer, rtc, PeerKind::Push(leg), stream, events);
-                    self.dial(peer, &dialed);
-                } else {
-                    // One socket each side: a second peer between the same
-                    // two addresses could not be told apart from the first.
-                    let _ = events.send(PeerEvent::Closed(peer, PUSH_ADDRESS_BUSY));
+                    self.insert_peer(peer, rtc, PeerKind::Receiver(leg), stream, events, None);
+                    return;
+                };
+                let token = Token(leg_socket::FIRST_TOKEN + self.next_leg_token);
+                self.next_leg_token += 1;
+                match LegSocket::register(push, self.poll.registry(), token) {
+                    Ok(own) => {
+                        entry.receivers.push(peer);
+                        self.leg_sockets.insert(token, peer);
+                        let kind = PeerKind::Push(leg);
+                        self.insert_peer(peer, rtc, kind, stream, events, Some(own));
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "cannot poll a push leg's socket");
+                        let _ = events.send(PeerEvent::Closed(peer, "socket error"));
+                    }
                 }
             }
             Command::RemoteCandidate { peer, candidate } => {
@@ -270,7 +282,7 @@ impl Relay {
         entry.sender = Some(peer);
         entry.mp3 = mp3;
         entry.ogg = ogg;
-        self.insert_peer(peer, rtc, PeerKind::Sender, stream, events);
+        self.insert_peer(peer, rtc, PeerKind::Sender, stream, events, None);
     }
 
     fn insert_peer(
@@ -280,11 +292,17 @@ impl Relay {
         kind: PeerKind,
         stream: Arc<str>,
         events: PeerEvents,
+        own_socket: Option<LegSocket>,
     ) {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
-        let peer = Peer::new(id, rtc, kind, stream, events, ufrag, self.limits);
+        let mut peer = Peer::new(id, rtc, kind, stream, events, ufrag, self.limits);
+        peer.own_socket = own_socket;
         tracing::debug!(peer = id, role = peer.role_name(), stream = %peer.stream, "peer added");
-        let early = self.routes.add(&peer);
+        // A push leg's datagrams come on its own socket: no route to it here.
+        let early = match peer.own_socket {
+            Some(_) => Vec::new(),
+            None => self.routes.add(&peer),
+        };
         let ufrag = peer.ufrag.clone();
         self.peers.insert(peer);
         self.drain_peer(id, None);
@@ -295,13 +313,44 @@ impl Relay {
         self.bind_waiting_tcp(&ufrag, id);
     }
 
-    /// Routes the far end's addresses to a push peer we dial; its answers
-    /// to our ICE checks (which name no ufrag) find it by them.
-    fn dial(&mut self, id: PeerId, far_end: &[SocketAddr]) {
-        if let Some(peer) = self.peers.get_mut(id) {
-            self.routes.dial(peer, far_end);
+    /// Reads a push leg's socket: every datagram is that leg's.
+    fn read_leg_socket(&mut self, token: Token, buf: &mut [u8]) {
+        let Some(id) = self.leg_sockets.get(&token).copied() else {
+            return;
+        };
+        for _ in 0..READ_BATCH {
+            let Some(own) = self.peers.get_mut(id).and_then(|p| p.own_socket.as_ref()) else {
+                return;
+            };
+            let label = own.label;
+            let (n, source) = match own.recv(buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(peer = id, error = %e, "push socket receive error");
+                    continue;
+                }
+            };
+            let Ok(contents) = buf[..n].try_into() else {
+                continue;
+            };
+            let now = Instant::now();
+            let input = Input::Receive(
+                now,
+                Receive {
+                    proto: Protocol::Udp,
+                    source,
+                    destination: label,
+                    contents,
+                },
+            );
+            self.input(id, input, Some(now));
+            self.flush_out();
         }
-        self.drain_peer(id, None);
+        if let Some(own) = self.peers.get_mut(id).and_then(|p| p.own_socket.as_mut()) {
+            own.rearm(self.poll.registry());
+        }
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {
@@ -484,8 +533,12 @@ impl Relay {
     /// is first closed properly (its owner told).
     fn free_peer(&mut self, id: PeerId) {
         self.close_peer(id, "peer disconnected");
-        if let Some(p) = self.peers.remove(id) {
+        if let Some(mut p) = self.peers.remove(id) {
             self.routes.remove(&p);
+            if let Some(own) = p.own_socket.take() {
+                self.leg_sockets.remove(&own.token);
+                own.deregister(self.poll.registry());
+            }
             self.close_tcp_of_peer(id);
             tracing::debug!(peer = id, "peer freed");
         }

@@ -4,7 +4,8 @@
 //! Per receiver, the copy is built here: the RTP header with the receiver's
 //! SSRC, payload type, sequence number (its [`super::leg::SeqMap`]) and
 //! header-extension ids, then one SRTP protect with the keys
-//! [`super::srtp`] tapped from its DTLS handshake, straight into the outbox.
+//! [`super::srtp`] tapped from its DTLS handshake, straight into the outbox
+//! (a push leg's copy straight out of its own socket).
 //! str0m is not touched per copy; it keeps running the peer's ICE, DTLS and
 //! RTCP on its own timers.
 //!
@@ -269,6 +270,9 @@ fn protect_and_send(
             out.push_tcp(dest, datagram);
             SendResult::Sent
         }
+        Some(Some(Ok(datagram))) if peer.own_socket.is_some() => {
+            to_own_socket(peer, dest, &datagram)
+        }
         Some(Some(Ok(datagram))) => {
             out.push_forward(dest, datagram, pkt.arrived);
             SendResult::Sent
@@ -280,6 +284,21 @@ fn protect_and_send(
         // Some(None) cannot happen (leg and keys checked by the caller);
         // None is a contained panic.
         Some(None) | None => SendResult::Failed,
+    }
+}
+
+/// Sends a push leg's copy from its own socket, at once (a push leg is one
+/// of a few per stream: no batching); a failed socket fails the leg.
+fn to_own_socket(peer: &Peer, dest: std::net::SocketAddr, datagram: &[u8]) -> SendResult {
+    let Some(own) = &peer.own_socket else {
+        return SendResult::Skipped;
+    };
+    match own.send(dest, datagram) {
+        Ok(()) => SendResult::Sent,
+        Err(e) => {
+            tracing::debug!(peer = peer.id, error = %e, "push socket send failed");
+            SendResult::Failed
+        }
     }
 }
 

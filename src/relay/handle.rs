@@ -3,7 +3,7 @@
 //! both and builds each peer's `Rtc` (so the SDP answer or offer leaves at
 //! once, before the relay thread sees the peer).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
@@ -41,6 +41,19 @@ pub enum PeerEvent {
 
 pub type PeerEvents = UnboundedSender<PeerEvent>;
 
+/// The UDP socket of one push leg (see [`RelayHandle::new_push_rtc`]): the
+/// far end sees each leg from its own address, so several legs to one far
+/// end are told apart by their 5-tuples. The relay owns it from
+/// [`Command::AddReceiver`] on and closes it when the leg is freed.
+pub struct PushSocket(pub(super) std::net::UdpSocket, pub(super) SocketAddr);
+
+impl PushSocket {
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
 /// Requests from signalling to the relay.
 pub enum Command {
     /// A negotiated sender peer; its stream starts with it.
@@ -63,10 +76,9 @@ pub enum Command {
         /// The audio m-line we offered.
         mid: Mid,
         events: PeerEvents,
-        /// The far end's addresses when we dialed it (a WHIP push: the
-        /// candidates of its answer), routed to this peer at once; empty for
-        /// a client receiver, whose own checks introduce its address.
-        dialed: Vec<SocketAddr>,
+        /// For a leg we dialed (a WHIP push), its own UDP socket; `None`
+        /// for a client receiver, reached through the relay's socket.
+        push: Option<PushSocket>,
     },
     /// A trickled remote candidate.
     RemoteCandidate { peer: PeerId, candidate: Candidate },
@@ -101,6 +113,32 @@ pub struct RelayHandle {
     candidates: Arc<Vec<Candidate>>,
     cert: DtlsCert,
     next_peer: Arc<AtomicU64>,
+    push_ip: PushIp,
+}
+
+/// Where push legs' sockets are bound (the relay socket's IP) and the IP
+/// their host candidate names (the same, or the first announced one when
+/// the relay listens on every address).
+#[derive(Clone, Copy)]
+pub(super) struct PushIp {
+    pub bind: IpAddr,
+    pub announce: IpAddr,
+}
+
+impl PushIp {
+    /// Binds a push leg's socket (ephemeral port); the address its
+    /// candidate names.
+    fn bind(&self) -> std::io::Result<(std::net::UdpSocket, SocketAddr)> {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(self.bind, 0))?;
+        socket.set_nonblocking(true)?;
+        let port = socket.local_addr()?.port();
+        let ip = if self.bind.is_unspecified() {
+            self.announce
+        } else {
+            self.bind
+        };
+        Ok((socket, SocketAddr::new(ip, port)))
+    }
 }
 
 impl RelayHandle {
@@ -109,6 +147,7 @@ impl RelayHandle {
         waker: Arc<Waker>,
         candidates: Vec<Candidate>,
         cert: DtlsCert,
+        push_ip: PushIp,
     ) -> Self {
         RelayHandle {
             commands,
@@ -116,6 +155,7 @@ impl RelayHandle {
             candidates: Arc::new(candidates),
             cert,
             next_peer: Arc::new(AtomicU64::new(1)),
+            push_ip,
         }
     }
 
@@ -151,9 +191,17 @@ impl RelayHandle {
     /// A new push peer (we publish a stream to a WHIP server): a receiver
     /// peer, but a full ICE agent, which as the offerer is the controlling
     /// one. Two ICE-lite agents (this relay and another voice-relay) would
-    /// never check each other.
-    pub fn new_push_rtc(&self) -> (Rtc, KeySlot) {
-        RtcBuilder::new(&self.cert, &self.candidates).push()
+    /// never check each other. The leg has a UDP socket of its own (bound
+    /// to the relay socket's IP, an ephemeral port), its only candidate.
+    pub fn new_push_rtc(&self) -> std::io::Result<(Rtc, KeySlot, PushSocket)> {
+        let (socket, addr) = self.push_ip.bind()?;
+        let candidate = Candidate::builder()
+            .udp()
+            .host(addr)
+            .build()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (rtc, keys) = RtcBuilder::new(&self.cert, &[candidate]).push();
+        Ok((rtc, keys, PushSocket(socket, addr)))
     }
 }
 

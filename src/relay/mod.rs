@@ -11,6 +11,9 @@
 //! or offer leaves at once) and hands it over with a [`Command`]; the relay
 //! reports back with [`PeerEvent`]s.
 //!
+//! A push leg sends and receives on a UDP socket of its own (see
+//! [`PushSocket`]), so a far end told apart by address sees each leg apart.
+//!
 //! This file binds the socket and starts the thread. The parts:
 //! - [`handle`]: commands, events, and the `Rtc` builders signalling uses;
 //! - `event_loop`: the loop and each peer's life;
@@ -18,7 +21,8 @@
 //!   sequence space), and what str0m says after an input;
 //! - `routing`: which peer a datagram belongs to; `timers`: the wake-ups;
 //! - `forward`: one packet to many receivers; [`srtp`]: their SRTP keys;
-//! - `inbox`, `outbox`: the socket's syscalls; `counters`: the metrics;
+//! - `inbox`, `outbox`: the socket's syscalls; `leg_socket`: a push leg's
+//!   own socket; `counters`: the metrics;
 //! - `tcp`, `framing`: ICE-TCP connections (handed over by the HTTP
 //!   listener, which shares their port) and their RFC 4571 framing.
 
@@ -30,6 +34,7 @@ mod framing;
 mod handle;
 mod inbox;
 mod leg;
+mod leg_socket;
 mod outbox;
 mod peer;
 mod routing;
@@ -39,10 +44,10 @@ mod tcp;
 mod tests;
 mod timers;
 
-pub use event_loop::{PUSH_ADDRESS_BUSY, STREAM_ENDED};
+pub use event_loop::STREAM_ENDED;
 pub use handle::{
-    host_candidates, offer_audio, receiver_rtc, Command, PeerEvent, PeerEvents, PeerId, RelayError,
-    RelayHandle,
+    host_candidates, offer_audio, receiver_rtc, Command, PeerEvent, PeerEvents, PeerId, PushSocket,
+    RelayError, RelayHandle,
 };
 pub use leg::negotiated_opus_pt;
 pub use srtp::KeySlot;
@@ -110,7 +115,11 @@ pub fn start(config: RelayConfig) -> std::io::Result<(RelayHandle, std::thread::
     tracing::info!(bind = %config.bind, candidates = ?config.announce, tcp_candidates = ?config.announce_tcp, "media relay listening (UDP, and ICE-TCP on the HTTP port)");
 
     let candidates = host_candidates(&config.announce, &config.announce_tcp);
-    let handle = RelayHandle::new(tx, waker, candidates, cert);
+    let push_ip = handle::PushIp {
+        bind: config.bind.ip(),
+        announce: local_label.ip(),
+    };
+    let handle = RelayHandle::new(tx, waker, candidates, cert, push_ip);
     let limits = Timeouts {
         handshake: config.handshake_timeout,
         sender_idle: config.sender_idle,

@@ -12,6 +12,7 @@ use str0m::Rtc;
 
 use super::handle::{PeerEvents, PeerId};
 use super::leg::Leg;
+use super::leg_socket::LegSocket;
 use crate::metrics::metrics;
 
 /// How long a closing peer may take to flush its RTCP BYE and DTLS close_notify.
@@ -72,6 +73,9 @@ pub(super) struct Peer {
     /// `media_to` is an ICE-TCP connection (else a UDP address).
     pub media_over_tcp: bool,
     pub ufrag: String,
+    /// A push leg's own socket, which carries all its datagrams; `None`: the
+    /// relay's socket (or an ICE-TCP connection).
+    pub own_socket: Option<LegSocket>,
     limits: Timeouts,
 }
 
@@ -102,6 +106,7 @@ impl Peer {
             media_to: None,
             media_over_tcp: false,
             ufrag,
+            own_socket: None,
             limits,
         }
     }

@@ -1,6 +1,5 @@
 //! Which peer a datagram belongs to: by its source address once a STUN check
-//! has introduced that address (or, for a far end we dial, once its answer
-//! named it: its STUN responses carry no ufrag), else by the ICE ufrag a STUN
+//! has introduced that address, else by the ICE ufrag a STUN
 //! binding request names (an ICE-TCP connection is named once, by its first
 //! check). Checks that arrive before their peer (a browser starts ICE as soon
 //! as it answers) are kept a moment in [`EarlyStun`] and replayed.
@@ -29,25 +28,6 @@ impl Routes {
     pub fn add(&mut self, peer: &Peer) -> Vec<(SocketAddr, Vec<u8>)> {
         self.by_ufrag.insert(peer.ufrag.clone(), peer.id);
         self.early_stun.take(&peer.ufrag)
-    }
-
-    /// Whether none of `addrs` is routed to a peer yet.
-    pub fn all_free(&self, addrs: &[SocketAddr]) -> bool {
-        addrs.iter().all(|a| !self.by_addr.contains_key(a))
-    }
-
-    /// Routes the addresses of a far end we dial (at most
-    /// [`MAX_ADDRS_PER_PEER`]) to `peer`, those not routed elsewhere.
-    pub fn dial(&mut self, peer: &mut Peer, far_end: &[SocketAddr]) {
-        for a in far_end {
-            if peer.addrs.len() >= MAX_ADDRS_PER_PEER {
-                break;
-            }
-            if !self.by_addr.contains_key(a) {
-                self.by_addr.insert(*a, peer.id);
-                peer.addrs.push(*a);
-            }
-        }
     }
 
     /// Forgets every route to a freed peer.
@@ -208,29 +188,6 @@ mod tests {
         let peer = peers.remove(7).unwrap();
         routes.remove(&peer);
         assert_eq!(routes.route(from(1), &rtp, &mut peers), None);
-    }
-
-    #[test]
-    fn a_dialed_far_end_routes_its_answers_without_a_ufrag() {
-        let (mut routes, mut peers) = (Routes::default(), Peers::default());
-        let mut push = Peer::for_test(3, "s", false);
-        routes.add(&push);
-        assert!(routes.all_free(&[from(9), from(10)]));
-        routes.dial(&mut push, &[from(9), from(10)]);
-        peers.insert(push);
-        // A STUN response (no USERNAME) or DTLS from the far end finds it.
-        let response = [0x01u8, 0x01, 0, 0];
-        assert_eq!(routes.route(from(9), &response, &mut peers), Some(3));
-        assert_eq!(
-            routes.route(from(10), &[22u8, 254, 253], &mut peers),
-            Some(3)
-        );
-        // Another push to the same far end would share its addresses.
-        assert!(!routes.all_free(&[from(10)]));
-        assert!(routes.all_free(&[from(11)]));
-        let push = peers.remove(3).unwrap();
-        routes.remove(&push);
-        assert!(routes.all_free(&[from(9), from(10)]), "freed with its peer");
     }
 
     #[test]

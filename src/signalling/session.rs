@@ -377,7 +377,7 @@ impl Session {
             keys,
             mid,
             events: self.peer_events.clone(),
-            dialed: Vec::new(),
+            push: None,
         };
         match self.ctx.relay.send(command) {
             Ok(()) => Ok(slot),

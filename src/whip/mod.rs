@@ -180,7 +180,7 @@ impl Sessions {
             keys,
             mid,
             events: events_tx,
-            dialed: Vec::new(),
+            push: None,
         };
         relay
             .send(command)

@@ -16,7 +16,7 @@ mod target;
 
 pub use target::PushTarget;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::http_client::{self, Request, Url};
 use crate::metrics::metrics;
-use crate::relay::{self, Command, KeySlot, PeerEvent, RelayError, RelayHandle};
+use crate::relay::{self, Command, KeySlot, PeerEvent, PushSocket, RelayError, RelayHandle};
 use crate::sync::lock;
 use backoff::Backoff;
 
@@ -44,33 +44,6 @@ pub struct Pushes {
     relay: RelayHandle,
     /// Per live stream, what its push tasks watch: dropping it stops them.
     live: Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
-    far_ends: FarEnds,
-}
-
-/// The far ends (`host:port`) a push is under way to. One relay socket
-/// meets one far-end socket: two legs between the same two addresses could
-/// not be told apart (by us or by the far end), so a far end carries one
-/// stream at a time; another stream's push waits, retrying, until it is
-/// free. (The relay refuses such a leg too, for far ends reached under two
-/// names.)
-#[derive(Clone, Default)]
-struct FarEnds(Arc<Mutex<HashSet<String>>>);
-
-impl FarEnds {
-    /// Holds `far_end` while the returned claim lives; `None` if taken.
-    fn claim(&self, far_end: String) -> Option<FarEndClaim> {
-        lock(&self.0)
-            .insert(far_end.clone())
-            .then(|| FarEndClaim(self.clone(), far_end))
-    }
-}
-
-struct FarEndClaim(FarEnds, String);
-
-impl Drop for FarEndClaim {
-    fn drop(&mut self) {
-        lock(&(self.0).0).remove(&self.1);
-    }
 }
 
 impl Pushes {
@@ -80,7 +53,6 @@ impl Pushes {
             token: token.filter(|t| !t.is_empty()).map(Into::into),
             relay,
             live: Mutex::new(HashMap::new()),
-            far_ends: FarEnds::default(),
         }
     }
 
@@ -97,7 +69,6 @@ impl Pushes {
                 url: target.for_stream(stream),
                 token: self.token.clone(),
                 relay: self.relay.clone(),
-                far_ends: self.far_ends.clone(),
             };
             tokio::spawn(push.run(stop.clone()));
         }
@@ -117,7 +88,6 @@ struct Push {
     url: Url,
     token: Option<Arc<str>>,
     relay: RelayHandle,
-    far_ends: FarEnds,
 }
 
 /// How one attempt ended.
@@ -176,17 +146,11 @@ impl Push {
     /// One attempt: offer, `POST`, then the leg's life in the relay; the
     /// far-end session is deleted when the leg ends.
     async fn attempt(&self, stop: &mut watch::Receiver<()>, backoff: &mut Backoff) -> Outcome {
-        let Some(_claim) = self.far_ends.claim(self.url.authority()) else {
-            return Outcome::failed(
-                "far_end_busy",
-                format!(
-                    "another stream is being pushed to {}; it takes one at a time",
-                    self.url.authority()
-                ),
-            );
-        };
         metrics().whip_push_attempts.inc();
-        let (mut rtc, keys) = self.relay.new_push_rtc();
+        let (mut rtc, keys, socket) = match self.relay.new_push_rtc() {
+            Ok(leg) => leg,
+            Err(e) => return Outcome::failed("socket", format!("no socket for the leg: {e}")),
+        };
         let Some((mid, offer, pending)) = relay::offer_audio(&mut rtc, &self.stream) else {
             return Outcome::failed("offer", "could not create an SDP offer");
         };
@@ -199,9 +163,9 @@ impl Push {
         } else {
             match accept(&mut rtc, pending, mid, &session.answer) {
                 Err(e) => Outcome::failed("bad_answer", e),
-                Ok(dialed) => {
+                Ok(_far_end) => {
                     let leg = Box::new(rtc);
-                    self.hand_over(leg, keys, mid, dialed, stop, backoff).await
+                    self.hand_over(leg, keys, mid, socket, stop, backoff).await
                 }
             }
         };
@@ -215,7 +179,7 @@ impl Push {
         rtc: Box<Rtc>,
         keys: KeySlot,
         mid: Mid,
-        dialed: Vec<SocketAddr>,
+        socket: PushSocket,
         stop: &mut watch::Receiver<()>,
         backoff: &mut Backoff,
     ) -> Outcome {
@@ -228,7 +192,7 @@ impl Push {
             keys,
             mid,
             events: events_tx,
-            dialed,
+            push: Some(socket),
         };
         match self.relay.send(command) {
             Ok(()) => self.watch(peer, events, stop, backoff).await,
@@ -291,11 +255,7 @@ impl Push {
                     // The relay ended the stream before signalling told us.
                     Some(PeerEvent::Closed(_, relay::STREAM_ENDED)) => return Outcome::Stopped,
                     Some(PeerEvent::Closed(_, why)) => {
-                        let reason = match (why, &live) {
-                            (relay::PUSH_ADDRESS_BUSY, _) => "far_end_busy",
-                            (_, Some(_)) => "dropped",
-                            (_, None) => "ice_dtls",
-                        };
+                        let reason = if live.is_some() { "dropped" } else { "ice_dtls" };
                         return Outcome::failed(reason, why);
                     }
                     None => return Outcome::failed("dropped", "the relay stopped"),
@@ -403,17 +363,6 @@ mod tests {
     use super::*;
     use str0m::change::SdpOffer;
 
-    #[test]
-    fn a_far_end_is_claimed_by_one_push_at_a_time() {
-        let far_ends = FarEnds::default();
-        let first = far_ends.claim("edge:8080".into());
-        assert!(first.is_some());
-        assert!(far_ends.claim("edge:8080".into()).is_none());
-        assert!(far_ends.claim("edge2:8080".into()).is_some());
-        drop(first);
-        assert!(far_ends.claim("edge:8080".into()).is_some(), "freed");
-    }
-
     /// What another voice-relay's WHIP ingest (an ICE-lite sender peer)
     /// answers to `offer`.
     fn edge_answer(relay: &RelayHandle, offer: &str) -> String {
@@ -426,7 +375,7 @@ mod tests {
     #[test]
     fn the_push_offers_full_ice_sendonly_opus_and_takes_an_ice_lite_answer() {
         let relay = relay::start_for_test();
-        let (mut push, _keys) = relay.new_push_rtc();
+        let (mut push, _keys, socket) = relay.new_push_rtc().expect("a socket");
         let (mid, offer_sdp, pending) = relay::offer_audio(&mut push, "studio").expect("an offer");
         assert!(offer_sdp.contains("a=sendonly"), "{offer_sdp}");
         assert!(
@@ -438,6 +387,13 @@ mod tests {
             !offer_sdp.contains("a=ice-lite"),
             "a push is a full ICE agent"
         );
+        // Its one candidate is its own socket: each leg is its own 5-tuple.
+        let local = socket.local_addr().expect("bound");
+        let candidate = format!("127.0.0.1 {} typ host", local.port());
+        assert!(offer_sdp.contains(&candidate), "{offer_sdp}");
+        assert_eq!(offer_sdp.matches("a=candidate").count(), 1, "{offer_sdp}");
+        let (_, _, other) = relay.new_push_rtc().expect("a socket");
+        assert_ne!(other.local_addr().expect("bound"), local);
         let answer = edge_answer(&relay, &offer_sdp);
         assert!(answer.contains("a=ice-lite"), "{answer}");
         let dialed = accept(&mut push, pending, mid, &answer).expect("answer accepted");
@@ -447,7 +403,7 @@ mod tests {
     #[test]
     fn answers_that_cannot_be_dialed_are_refused() {
         let relay = relay::start_for_test();
-        let (mut push, _keys) = relay.new_push_rtc();
+        let (mut push, _keys, _socket) = relay.new_push_rtc().expect("a socket");
         let (mid, offer_sdp, pending) = relay::offer_audio(&mut push, "studio").expect("an offer");
         // Candidates only trickled later (we do not PATCH): nothing to dial.
         let bare: String = edge_answer(&relay, &offer_sdp)
@@ -457,7 +413,7 @@ mod tests {
             .collect();
         let err = accept(&mut push, pending, mid, &bare).unwrap_err();
         assert!(err.contains("no UDP candidate"), "{err}");
-        let (mut push, _keys) = relay.new_push_rtc();
+        let (mut push, _keys, _socket) = relay.new_push_rtc().expect("a socket");
         let (mid, _, pending) = relay::offer_audio(&mut push, "s").expect("an offer");
         let err = accept(&mut push, pending, mid, "HTTP/1.1 200 OK").unwrap_err();
         assert!(err.contains("invalid SDP answer"), "{err}");
