@@ -6,6 +6,7 @@
 //! each push a listener of the stream like an HTTP one.
 
 pub mod access;
+pub mod backoff;
 pub mod config;
 pub mod http;
 pub mod http_client;

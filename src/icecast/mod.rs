@@ -4,12 +4,11 @@
 //! Owns following the registry's streams for each target: one push per
 //! stream for a mount with `{id}` in it, or, for a fixed mount, one push of
 //! the newest stream, switched when a newer stream starts or the pushed one
-//! ends. The connection itself is `source.rs`, the URL `target.rs`, the
-//! retry schedule `backoff.rs`. Imports go one way: mod → source → target,
-//! backoff; the pushes read the registry and are listeners of a stream's
+//! ends. The connection itself is `source.rs` (with its retry schedule, a
+//! [`crate::backoff::Backoff`]), the URL `target.rs`. Imports go one way:
+//! mod → source → target; the pushes read the registry and are listeners of a stream's
 //! fan-out, like HTTP listeners.
 
-mod backoff;
 mod source;
 mod target;
 

@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::backoff::Backoff;
 use super::target::{percent_encode, IcecastUrl, Password};
+use crate::backoff::Backoff;
 use crate::metrics::metrics;
 use crate::mp3::{Fanout, Format};
 use crate::ogg_opus::FromPageZero;
@@ -28,6 +28,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest response head we read.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+/// The first nominal wait before a retry, doubling up to [`RETRY_CAP`].
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// The longest nominal wait between retries.
+const RETRY_CAP: Duration = Duration::from_secs(15);
+/// A connection that streamed this long starts the retry schedule over.
+const RESET_AFTER: Duration = Duration::from_secs(10);
 
 /// Where one push goes, with which credentials (`Debug` shows no
 /// password), and the MP3 bit rate it announces.
@@ -105,7 +111,7 @@ pub async fn push(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mount = dest.url.mount_for(&stream);
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     let mut last_failure: Option<Failure> = None;
     while !fanout.is_closed() {
         match connect_and_stream(&dest, &mount, &stream, &fanout, &mut last_failure).await {
@@ -114,15 +120,23 @@ pub async fn push(
                 return;
             }
             Ended::Failed(failure, streamed) => {
-                backoff.connection_lasted(streamed);
+                connection_lasted(&mut backoff, streamed);
                 note_failure(&dest, &mount, &stream, &failure, &mut last_failure);
             }
         }
-        let wait = backoff.next_wait(&mut rand::rng());
+        let wait = backoff.next_wait(rand::random());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = &mut stop => return,
         }
+    }
+}
+
+/// After a connection ended: one that streamed for [`RESET_AFTER`] starts
+/// the retry schedule over; a short one keeps backing off.
+fn connection_lasted(backoff: &mut Backoff, streamed: Duration) {
+    if streamed >= RESET_AFTER {
+        backoff.reset();
     }
 }
 
@@ -441,6 +455,22 @@ mod tests {
             password,
             mp3_kbps: 96,
         }
+    }
+
+    #[test]
+    fn only_a_long_connection_resets() {
+        let mut b = Backoff::new(RETRY_BASE, RETRY_CAP);
+        for _ in 0..4 {
+            b.next_wait(0.5);
+        }
+        connection_lasted(&mut b, RESET_AFTER - Duration::from_millis(1));
+        assert_eq!(
+            b.nominal(),
+            RETRY_BASE * 16,
+            "a short connection keeps backing off"
+        );
+        connection_lasted(&mut b, RESET_AFTER);
+        assert_eq!(b.nominal(), RETRY_BASE);
     }
 
     #[test]

@@ -6,12 +6,11 @@
 //!
 //! Owns, per live stream, one task per target: offer, `POST` (Bearer
 //! token), the answer to the relay, then watching the leg; a refusal or a
-//! dropped leg is tried again after a capped, jittered [`backoff`] while
+//! dropped leg is tried again after a capped, jittered [`Backoff`] while
 //! the stream lives, and the far-end session is `DELETE`d when the leg ends.
 //! A push never touches the stream's own receivers: it is just one more
 //! bounded leg, and its failures stay in its task.
 
-mod backoff;
 mod target;
 
 pub use target::PushTarget;
@@ -27,14 +26,19 @@ use str0m::net::Protocol;
 use str0m::{Candidate, Rtc};
 use tokio::sync::{mpsc, watch};
 
+use crate::backoff::Backoff;
 use crate::http_client::{self, Request, Url};
 use crate::metrics::metrics;
 use crate::relay::{self, Command, KeySlot, PeerEvent, PushSocket, RelayError, RelayHandle};
 use crate::sync::lock;
-use backoff::Backoff;
 
 /// Bound on one `POST` or `DELETE`, connection included.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first nominal wait before a retry (so 0.5-1 s), doubling up to
+/// [`RETRY_CAP`]: a far end that keeps refusing is asked at most every 15-30 s.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest nominal wait between retries.
+const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// The pushes of every live stream.
 pub struct Pushes {
@@ -116,7 +120,7 @@ struct Session {
 impl Push {
     async fn run(self, mut stop: watch::Receiver<()>) {
         tracing::info!(stream = %self.stream, url = %self.url, "WHIP push starting");
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
         loop {
             let (reason, message) = match self.attempt(&mut stop, &mut backoff).await {
                 Outcome::Stopped => break,
